@@ -1,0 +1,12 @@
+"""swkernels: fused Triton kernels for LoRA fine-tuning on consumer GPUs.
+
+Every op has a pure-torch reference in :mod:`swkernels.reference`; :mod:`swkernels._backend`
+picks Triton (CUDA tensors, or the CPU interpreter under TRITON_INTERPRET=1) or the reference.
+"""
+
+from swkernels._backend import force_backend, select_backend
+from swkernels.ops.silu_mul import silu_mul
+
+__version__ = "0.1.0"
+
+__all__ = ["force_backend", "select_backend", "silu_mul"]

@@ -1,0 +1,9 @@
+"""Pure-torch references: the test oracle for every kernel and the fallback when Triton cannot run.
+
+One module per op, mirroring ``swkernels/ops``. References favour clarity over speed and
+compute in fp32, casting the result to the input dtype, as the kernels do.
+"""
+
+from swkernels.reference.silu_mul import silu_mul, silu_mul_backward
+
+__all__ = ["silu_mul", "silu_mul_backward"]

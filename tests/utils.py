@@ -1,0 +1,34 @@
+"""Shared test helpers: per-dtype tolerances and comparisons."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# (atol, rtol) for results computed in fp32 and rounded once to the output dtype.
+TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1e-2, 1e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+                 scale: float = 1.0, name: str = "") -> None:
+    """Compare with the tolerance of ``dtype`` (default: ``expected.dtype``), widened by ``scale``."""
+    atol, rtol = TOL[dtype or expected.dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol * scale, rtol=rtol * scale,
+                               msg=lambda m: f"{name}: {m}" if name else m)
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: str | None = None):
+    """Run ``swengine ARGS`` in a fresh process (the real entry point), returning CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, **(env or {})}
+    code = "from swengine.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], env=full_env, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
