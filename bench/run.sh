@@ -9,6 +9,6 @@ n = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu-' + pla
 print(re.sub(r'[^A-Za-z0-9._-]+', '-', n).strip('-'))")
 out="bench/results/$name/$(date -u +%Y-%m-%d).json"
 mkdir -p "$(dirname "$out")"
-python -m pytest bench/ -q -p no:cacheprovider --benchmark-disable-gc --benchmark-json="$out" "$@"
+SWBENCH_FULL=1 python -m pytest bench/ -q -p no:cacheprovider --benchmark-disable-gc --benchmark-json="$out" "$@"
 python tools/bench_report.py "$out" | tee "${out%.json}.md"
 echo "results: $out"

@@ -9,7 +9,7 @@ import typer
 
 from swengine.errors import UserError
 
-PLANNED = "train, plan, eval, merge, rollback, report"
+PLANNED = "train, eval, merge, rollback, report"
 
 app = typer.Typer(
     name="swengine",
@@ -39,6 +39,31 @@ def doctor(
     report = collect(kernels=kernels, archs=arch or None)
     typer.echo(json.dumps(report, indent=2) if as_json else render(report))
     if report["kernel_health"] is not None and not report["kernel_health"]["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def plan(
+    model: str = typer.Option(..., "--model", "-m", help="Preset (e.g. llama-3.1-8b), HF model directory, or config.json."),
+    gpu: str = typer.Option(None, "--gpu", help="GPU to plan for, e.g. rtx-4090 (default: the detected GPU)."),
+    vram: float = typer.Option(None, "--vram", help="VRAM in GiB (overrides the GPU's, or plans for a bare size)."),
+    seq_len: int = typer.Option(2048, "--seq-len", help="Training sequence length in tokens."),
+    batch: int = typer.Option(16, "--batch", help="Effective batch in sequences (micro-batch × accumulation)."),
+    rank: int = typer.Option(None, "--rank", help="LoRA rank (default: the planner chooses)."),
+    qlora: bool = typer.Option(None, "--qlora/--no-qlora", help="Force / forbid NF4 base weights (default: decide)."),
+    teacher: str = typer.Option(None, "--teacher", help="Distillation teacher model (preset/dir/config.json)."),
+    teacher_quant: str = typer.Option("none", "--teacher-quant", help="Teacher weights: none (bf16) or nf4-dq."),
+    max_ctx: bool = typer.Option(False, "--max-context", help="Also report the longest sequence that fits."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (specs/plan.schema.json)."),
+) -> None:
+    """Plan VRAM: memory breakdown, the fastest setup that fits, and a fits / does-not-fit verdict."""
+    from swengine.planner.cli import make_plan
+    from swengine.planner.report import render, to_dict
+
+    result = make_plan(model, gpu=gpu, vram_gib=vram, seq_len=seq_len, batch=batch, rank=rank, qlora=qlora,
+                       teacher=teacher, teacher_quant=teacher_quant, want_max_context=max_ctx)
+    typer.echo(json.dumps(to_dict(result), indent=2) if as_json else render(result))
+    if not result.fits:
         raise typer.Exit(1)
 
 

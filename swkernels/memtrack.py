@@ -33,9 +33,20 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.current = 0
         self.peak = 0
-        self.phase = "start"
+        self._phase = "start"
         self.peak_phase = "start"
+        self.phase_peaks: dict[str, int] = {}
         self._live: dict[int, int] = {}
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, name: str) -> None:
+        """Label what runs next; ``phase_peaks[name]`` keeps the highest live bytes seen under it."""
+        self._phase = name
+        self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), self.current)
 
     def count(self, *tensors: torch.Tensor) -> None:
         """Count already-existing tensors (e.g. parameters) as live from now on."""
@@ -49,15 +60,18 @@ class LiveBytes(TorchDispatchMode):
         n = _rounded(storage.nbytes())
         self._live[key] = n
         self.current += n
+        if self.current > self.phase_peaks.get(self._phase, 0):
+            self.phase_peaks[self._phase] = self.current
         if self.current > self.peak:
-            self.peak, self.peak_phase = self.current, self.phase
+            self.peak, self.peak_phase = self.current, self._phase
         weakref.finalize(storage, self._release, key)
 
     def _release(self, key: int) -> None:
         self.current -= self._live.pop(key, 0)
 
     def reset_peak(self) -> None:
-        self.peak, self.peak_phase = self.current, self.phase
+        self.peak, self.peak_phase = self.current, self._phase
+        self.phase_peaks = {self._phase: self.current}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

@@ -27,3 +27,16 @@ def test_peak_phase_is_recorded():
         b = torch.empty(10_000)
         del a, b
     assert mem.peak_phase == "big"
+
+
+def test_phase_peaks_are_kept_per_phase():
+    with LiveBytes() as mem:
+        mem.phase = "a"
+        x = torch.empty(1000)  # 4096 B
+        del x
+        gc.collect()
+        mem.phase = "b"
+        y = torch.empty(10)  # 512 B
+    assert mem.phase_peaks["a"] == 4096
+    assert mem.phase_peaks["b"] == 512
+    del y

@@ -35,6 +35,8 @@ class Entry:
 def load(path: str) -> tuple[list[Entry], dict]:
     with open(path) as f:
         data = json.load(f)
+    meta = dict(data.get("swengine", {}))
+    meta["_raw"] = [b.get("extra_info", {}) for b in data["benchmarks"] if "analytic_error_pct" in b.get("extra_info", {})]
     entries = []
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
@@ -43,7 +45,7 @@ def load(path: str) -> tuple[list[Entry], dict]:
         secs = info["ms_median"] / 1e3 if "ms_median" in info else b["stats"]["min"]
         entries.append(Entry(b["group"], info["provider"], info["role"], secs, info.get("peak_mem_bytes"),
                              bool(info.get("smoke")), info))
-    return entries, data.get("swengine", {})
+    return entries, meta
 
 
 def ratios(entries: list[Entry]) -> dict[str, float]:
@@ -85,10 +87,29 @@ def markdown(entries: list[Entry], meta: dict) -> str:
                 f"{_fmt_time(ours.seconds)} | {_fmt_time(base.seconds) if base else '-'} | "
                 f"{f'{base.seconds / ours.seconds:.2f}×' if base else '-'} | {_fmt_mem(ours.peak_mem)} | "
                 f"{_fmt_mem(base.peak_mem) if base else '-'} | {', '.join(thr) or '-'} |")
+    lines += planner_accuracy(entries_raw=meta.get("_raw", []))
     smoke = sorted({f"{e.group} ({e.provider})" for e in entries if e.smoke})
     if smoke:
         lines += ["", f"Smoke runs (Triton interpreter, not timed for comparison): {', '.join(smoke)}"]
     return "\n".join(lines)
+
+
+def planner_accuracy(entries_raw: list[dict]) -> list[str]:
+    """The planner's analytic peak vs the measured one, with accelerate's estimate beside it."""
+    if not entries_raw:
+        return []
+    lines = ["", "#### VRAM planner accuracy (analytic vs measured peak; accelerate estimate-memory on the same configs)", "",
+             "| config | measured | analytic | error | accelerate weights-only | accelerate 'training with Adam' |",
+             "|---|---|---|---|---|---|"]
+    for r in entries_raw:
+        lines.append(f"| {r['planner_case']} | {r['measured_bytes'] / 2**30:.2f} GiB | {r['analytic_bytes'] / 2**30:.2f} GiB | "
+                     f"{r['analytic_error_pct']:+.2f}% | {r['accelerate_weights_error_pct']:+.1f}% | "
+                     f"{r['accelerate_adam_error_pct']:+.1f}% |")
+    errs = [abs(r["analytic_error_pct"]) for r in entries_raw]
+    acc = [abs(r["accelerate_weights_error_pct"]) for r in entries_raw]
+    lines.append(f"\n{len(errs)} configs: analytic mean |error| {statistics.mean(errs):.2f}%, max {max(errs):.2f}%; "
+                 f"accelerate (weights only) mean |error| {statistics.mean(acc):.1f}%")
+    return lines
 
 
 def check(current: dict[str, float], baseline: dict[str, float], tolerance: float) -> list[str]:

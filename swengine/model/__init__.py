@@ -1,0 +1,1 @@
+"""Model configs, loading and patching."""

@@ -1,0 +1,43 @@
+"""Resolve a model argument (preset name, hub id of a preset, model directory, config.json) to a config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import AutoConfig, PretrainedConfig
+
+from swengine.errors import UserError
+from swengine.model.presets import PRESETS, preset_key
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma", "gemma2")
+
+
+def load_model_config(model: str) -> PretrainedConfig:
+    """A transformers config for a preset name (``llama-3.1-8b``), a local model directory, or a
+    ``config.json`` file. Raises :class:`UserError` naming the presets when nothing matches."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise UserError(f"{model} is a directory without config.json; point --model at a Hugging Face model directory")
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        model_type = data.get("model_type")
+        if not model_type:
+            raise UserError(f"{path} has no model_type; is it a Hugging Face config.json?")
+        check_family(model_type)
+        return AutoConfig.for_model(**data)
+    key = preset_key(model)
+    if key is None:
+        raise UserError(f"unknown model {model!r}: not a local directory or config.json, and not a preset "
+                        f"(known: {', '.join(PRESETS)})")
+    return AutoConfig.for_model(**PRESETS[key])
+
+
+def check_family(model_type: str) -> None:
+    if model_type not in SUPPORTED_FAMILIES:
+        raise UserError(f"unsupported architecture {model_type!r}; supported families: {', '.join(SUPPORTED_FAMILIES)}")

@@ -1,0 +1,62 @@
+"""One training step, exactly as the loop runs it and as the planner measures it.
+
+Keeping this code in one place is what makes the planner's fake-tensor measurement (and its
+analytic model, calibrated on that measurement) describe the real loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def autocast_context(device_type: str, dtype: torch.dtype | None):
+    """bf16/fp16 autocast on the model's device, or nothing for fp32 training."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over label tokens that are not -100 (transformers' loss)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                position_ids=batch.get("position_ids"), labels=batch["labels"], use_cache=False)
+    return out.loss
+
+
+def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, autocast_dtype: torch.dtype | None,
+                     loss_scale: float = 1.0, scaler: torch.amp.GradScaler | None = None,
+                     on_phase=None) -> torch.Tensor:
+    """Forward and backward of one micro-batch; gradients accumulate into ``.grad``.
+
+    ``loss_scale`` is 1/accumulation_steps. Returns the detached, unscaled loss. ``on_phase`` (a
+    callable taking "forward"/"backward") lets the planner label where memory peaks.
+    """
+    device_type = batch["input_ids"].device.type
+    if on_phase:
+        on_phase("forward")
+    with autocast_context(device_type, autocast_dtype):
+        loss = causal_lm_loss(model, batch)
+    if on_phase:
+        on_phase("backward")
+    scaled = loss * loss_scale
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    return loss.detach()
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], *,
+                   max_grad_norm: float | None, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor | None:
+    """Unscale (fp16), clip, step, zero grads (set to None, freeing them). Returns the grad norm."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = None
+    if max_grad_norm:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
