@@ -4,9 +4,12 @@ Every op has a pure-torch reference in :mod:`swkernels.reference`; :mod:`swkerne
 picks Triton (CUDA tensors, or the CPU interpreter under TRITON_INTERPRET=1) or the reference.
 """
 
+from swkernels import nn  # module wrappers over the ops below
 from swkernels._backend import force_backend, select_backend
+from swkernels.ops.lora_linear import lora_linear
+from swkernels.ops.nf4_lora_linear import nf4_lora_linear
 from swkernels.ops.silu_mul import silu_mul
 
 __version__ = "0.1.0"
 
-__all__ = ["force_backend", "select_backend", "silu_mul"]
+__all__ = ["force_backend", "lora_linear", "nf4_lora_linear", "nn", "select_backend", "silu_mul"]

@@ -4,6 +4,7 @@ One module per op, mirroring ``swkernels/ops``. References favour clarity over s
 compute in fp32, casting the result to the input dtype, as the kernels do.
 """
 
+from swkernels.reference.lora import lora_linear, nf4_dequantize
 from swkernels.reference.silu_mul import silu_mul, silu_mul_backward
 
-__all__ = ["silu_mul", "silu_mul_backward"]
+__all__ = ["lora_linear", "nf4_dequantize", "silu_mul", "silu_mul_backward"]

@@ -1,0 +1,33 @@
+"""Pure-torch LoRA linear (and NF4 dequantisation): the oracle and the CPU fallback."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def lora_linear(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                bias: torch.Tensor | None = None, dropout_p: float = 0.0,
+                keep_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ + bias in fp32, cast to x's dtype. ``keep_scale`` (mask/(1−p))
+    replaces random dropout when given, to reproduce a kernel's exact mask."""
+    x32 = x.float()
+    if keep_scale is not None:
+        d = x32 * keep_scale
+    else:
+        d = F.dropout(x32, dropout_p, training=dropout_p > 0)
+    y = F.linear(x32, w.float(), None if bias is None else bias.float())
+    y = y + scaling * F.linear(F.linear(d, a.float()), b.float())
+    return y.to(x.dtype)
+
+
+def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: tuple[int, int],
+                   blocksize: int = 64) -> torch.Tensor:
+    """bitsandbytes NF4 → fp32 (N, K): byte i//2 holds element i, even elements in the high nibble;
+    value = code[nibble]·absmax[i // blocksize]. ``absmax`` is already fp32 (nested quant undone)."""
+    flat = packed.reshape(-1)
+    nibbles = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1).long()
+    n = shape[0] * shape[1]
+    values = code.float()[nibbles[:n]]
+    scales = absmax.float().repeat_interleave(blocksize)[:n]
+    return (values * scales).reshape(shape)
