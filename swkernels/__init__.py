@@ -8,8 +8,11 @@ from swkernels import nn  # module wrappers over the ops below
 from swkernels._backend import force_backend, select_backend
 from swkernels.ops.lora_linear import lora_linear
 from swkernels.ops.nf4_lora_linear import nf4_lora_linear
+from swkernels.ops.rope import apply_rope, apply_rope_
 from swkernels.ops.silu_mul import silu_mul
+from swkernels.rope_scaling import rope_inv_freq
 
 __version__ = "0.1.0"
 
-__all__ = ["force_backend", "lora_linear", "nf4_lora_linear", "nn", "select_backend", "silu_mul"]
+__all__ = ["apply_rope", "apply_rope_", "force_backend", "lora_linear", "nf4_lora_linear", "nn", "rope_inv_freq",
+           "select_backend", "silu_mul"]

@@ -32,3 +32,19 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: str 
     code = "from swengine.cli import main; main()"
     return subprocess.run([sys.executable, "-c", code, *args], env=full_env, capture_output=True, text=True,
                           timeout=timeout, cwd=cwd)
+
+
+def collect_each_op():
+    """A dispatch mode that runs gc after every op: the Triton interpreter leaves reference
+    cycles that keep real tensors alive longer than on a GPU, which would inflate a real peak."""
+    import gc
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Collect(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            gc.collect()
+            return out
+
+    return _Collect()

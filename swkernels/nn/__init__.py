@@ -1,5 +1,6 @@
 """nn.Module wrappers that swap into Hugging Face models."""
 
 from swkernels.nn.lora import LoRALinear
+from swkernels.nn.rotary import RotaryEmbedding, replace_rotary
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "RotaryEmbedding", "replace_rotary"]

@@ -5,6 +5,7 @@ compute in fp32, casting the result to the input dtype, as the kernels do.
 """
 
 from swkernels.reference.lora import lora_linear, nf4_dequantize
+from swkernels.reference.rope import apply_rope, rope_cos_sin
 from swkernels.reference.silu_mul import silu_mul, silu_mul_backward
 
-__all__ = ["lora_linear", "nf4_dequantize", "silu_mul", "silu_mul_backward"]
+__all__ = ["apply_rope", "lora_linear", "nf4_dequantize", "rope_cos_sin", "silu_mul", "silu_mul_backward"]

@@ -1,0 +1,137 @@
+"""apply_rope: forward/backward vs transformers' apply_rotary_pos_emb and our reference."""
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+import swkernels
+from swkernels import reference
+from swkernels.memtrack import LiveBytes
+from swkernels.ops.rope import rope_op
+from tests.utils import DTYPES, assert_close, collect_each_op
+
+# (batch, q heads, kv heads, seq, head_dim, rotary_dim): odd seq, GQA, head dims 64/80/96/128/256, partial
+CASES = [(2, 4, 2, 37, 64, 64), (1, 6, 6, 19, 80, 80), (1, 4, 1, 23, 96, 96), (2, 8, 2, 13, 128, 128),
+         (1, 2, 1, 9, 256, 256), (1, 4, 2, 17, 96, 64)]
+
+
+def inv_freq(dim, theta=10000.0):
+    return 1.0 / (theta ** (torch.arange(0, dim, 2).float() / dim))
+
+
+def hf_rope(q, k, pos, inv, factor, dtype):
+    """transformers' path: the rotary module's cos/sin (cast to the model dtype) + apply_rotary_pos_emb,
+    with Phi-3's split for partial rotary."""
+    freqs = pos[..., None].float() * inv.to(pos.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)
+    rot = cos.shape[-1]
+    q_rot, q_pass = q[..., :rot], q[..., rot:]
+    k_rot, k_pass = k[..., :rot], k[..., rot:]
+    qe, ke = apply_rotary_pos_emb(q_rot, k_rot, cos, sin)
+    return torch.cat((qe, q_pass), dim=-1), torch.cat((ke, k_pass), dim=-1)
+
+
+def make(case, dtype, device, packed=False):
+    b, hq, hkv, t, d, rot = case
+    # as attention produces them: (B, T, H, D) projections viewed as (B, H, T, D)
+    q = torch.randn(b, t, hq, d, device=device).to(dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(b, t, hkv, d, device=device).to(dtype).transpose(1, 2).requires_grad_()
+    if packed:  # two documents per row: positions restart
+        cut = t // 2
+        pos = torch.cat([torch.arange(cut), torch.arange(t - cut)]).to(device).repeat(b, 1)
+    else:
+        pos = (torch.arange(t, device=device) + 1000).repeat(b, 1)  # non-zero offset: large angles
+    return q, k, pos, inv_freq(rot).to(device)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}h{c[1]}kv{c[2]}t{c[3]}d{c[4]}r{c[5]}")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_forward_and_backward_match_reference_and_transformers(case, dtype, device):
+    q, k, pos, inv = make(case, dtype, device, packed=case[0] == 2)
+    factor = 1.17
+    qo, ko = swkernels.apply_rope(q, k, pos, inv, factor)
+    assert qo.shape == q.shape and qo.stride() == q.stride() and qo.dtype == dtype
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    dq, dk = torch.autograd.grad((qo, ko), (q, k), (gq, gk))
+
+    qr, kr = reference.apply_rope(q, k, pos, inv, factor)
+    dqr, dkr = torch.autograd.grad((qr, kr), (q, k), (gq, gk))
+    for got, want in ((qo, qr), (ko, kr), (dq, dqr), (dk, dkr)):
+        assert_close(got, want, scale=4)  # fp32 angles vs fp32 angles; outputs rounded once
+
+    qh, kh = hf_rope(q, k, pos, inv, factor, dtype)  # cos/sin rounded to dtype first: one more rounding
+    dqh, dkh = torch.autograd.grad((qh, kh), (q, k), (gq, gk))
+    for got, want in ((qo, qh), (ko, kh), (dq, dqh), (dk, dkh)):
+        assert_close(got, want, dtype, scale=8)
+
+
+def test_in_place_variant(device):
+    q, k, pos, inv = make(CASES[0], torch.float32, device)
+    q, k = q.detach().clone(), k.detach().clone()
+    want = reference.apply_rope(q, k, pos, inv, 1.0)
+    out = swkernels.apply_rope_(q, k, pos, inv)
+    assert out[0] is q and out[1] is k
+    assert_close(q, want[0])
+    assert_close(k, want[1])
+
+
+def test_backward_is_the_inverse_rotation(device):
+    q, k, pos, inv = make(CASES[0], torch.float32, device)
+    qo, ko = rope_op(q.detach(), k.detach(), pos, inv, 1.0, False)
+    qb, kb = rope_op(qo, ko, pos, inv, 1.0, True)
+    assert_close(qb, q.detach(), scale=10)
+    assert_close(kb, k.detach(), scale=10)
+
+
+def test_bad_shapes_say_how_to_fix():
+    q, k, pos, inv = make(CASES[0], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="multiple of key heads"):
+        swkernels.apply_rope(q, k[:, :1].expand(-1, 3, -1, -1), pos, inv)
+    with pytest.raises(ValueError, match="position_ids"):
+        swkernels.apply_rope(q, k, pos[:, :5], inv)
+    with pytest.raises(ValueError, match="head_dim/2"):
+        swkernels.apply_rope(q, k, pos, torch.ones(40))
+
+
+def test_custom_op_registration_is_consistent():
+    q, k, pos, inv = make(CASES[0], torch.float32, "cpu")
+    torch.library.opcheck(rope_op, (q, k, pos, inv, 1.0, False))
+
+
+def test_fake_impl_allocates_what_the_kernel_allocates():
+    import gc
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def step():
+        q, k, pos, inv = make(CASES[0], torch.bfloat16, "cpu")
+        qo, ko = swkernels.apply_rope(q, k, pos, inv)
+        (qo.float().sum() + ko.float().sum()).backward()
+        gc.collect()
+
+    with swkernels.force_backend("triton"), LiveBytes() as real, collect_each_op():
+        step()
+    with FakeTensorMode(), swkernels.force_backend("triton"), LiveBytes() as fake:
+        step()
+    assert fake.peak == real.peak > 0
+
+
+def test_no_cos_sin_table_is_allocated():
+    """The kernel path allocates only the two outputs; transformers' path builds (B, T, D) cos/sin."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(1, 32, 32768, 128, dtype=torch.bfloat16)
+        k = torch.empty(1, 8, 32768, 128, dtype=torch.bfloat16)
+        pos, inv = torch.arange(32768)[None], inv_freq(128)
+        with swkernels.force_backend("triton"), LiveBytes() as mem:
+            swkernels.apply_rope(q, k, pos, inv)
+    assert mem.peak == q.numel() * 2 + k.numel() * 2
+
+
+def test_torch_compile_traces_the_op():
+    q, k, pos, inv = make(CASES[0], torch.float32, "cpu")
+    fn = torch.compile(lambda q, k: swkernels.apply_rope(q, k, pos, inv), backend="aot_eager", fullgraph=True)
+    qo, _ = fn(q, k)
+    assert_close(qo, reference.apply_rope(q, k, pos, inv)[0], scale=4)
