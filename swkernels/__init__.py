@@ -6,6 +6,9 @@ picks Triton (CUDA tensors, or the CPU interpreter under TRITON_INTERPRET=1) or 
 
 from swkernels import nn  # module wrappers over the ops below
 from swkernels._backend import force_backend, select_backend
+from swkernels.ops.distill_loss import distill_loss
+from swkernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+from swkernels.ops.fused_linear_distill import fused_linear_distill
 from swkernels.ops.lora_linear import lora_linear
 from swkernels.ops.nf4_lora_linear import nf4_lora_linear
 from swkernels.ops.rope import apply_rope, apply_rope_
@@ -14,5 +17,6 @@ from swkernels.rope_scaling import rope_inv_freq
 
 __version__ = "0.1.0"
 
-__all__ = ["apply_rope", "apply_rope_", "force_backend", "lora_linear", "nf4_lora_linear", "nn", "rope_inv_freq",
-           "select_backend", "silu_mul"]
+__all__ = ["apply_rope", "apply_rope_", "distill_loss", "force_backend", "fused_linear_cross_entropy",
+           "fused_linear_distill", "lora_linear", "nf4_lora_linear", "nn", "rope_inv_freq", "select_backend",
+           "silu_mul"]

@@ -5,7 +5,16 @@ compute in fp32, casting the result to the input dtype, as the kernels do.
 """
 
 from swkernels.reference.lora import lora_linear, nf4_dequantize
+from swkernels.reference.losses import (
+    ce_rows_,
+    distill_loss,
+    distill_rows,
+    linear_cross_entropy,
+    linear_distill,
+    topk_distill_per_token,
+)
 from swkernels.reference.rope import apply_rope, rope_cos_sin
 from swkernels.reference.silu_mul import silu_mul, silu_mul_backward
 
-__all__ = ["apply_rope", "lora_linear", "nf4_dequantize", "rope_cos_sin", "silu_mul", "silu_mul_backward"]
+__all__ = ["apply_rope", "ce_rows_", "distill_loss", "distill_rows", "linear_cross_entropy", "linear_distill",
+           "lora_linear", "nf4_dequantize", "rope_cos_sin", "silu_mul", "silu_mul_backward", "topk_distill_per_token"]

@@ -1,0 +1,184 @@
+"""Row-wise Triton kernels for the loss ops: each program streams one token's logits over the
+vocabulary in blocks (online log-sum-exp, fp32), writes the row's loss, and overwrites the logits
+with their gradient, so no probability tensor is ever stored.
+
+Cross-entropy with label smoothing ε and optional soft-capping z = c·tanh(l/c):
+    loss = (1−ε)·(lse − z_y) + ε·(lse − mean_j z_j)
+    ∂loss/∂z_j = q_j − (1−ε)·[j = y] − ε/V,  q = softmax(z);   ∂z/∂l = 1 − (z/c)²
+
+Distillation over z_s = s/T (student), z_t = t/T (teacher), q = softmax(z_s), p = softmax(z_t):
+    forward KL(p‖q) = Σ p (log p − log q)            ∂/∂z_s,j = q_j − p_j
+    reverse KL(q‖p) = Σ q (log q − log p)            ∂/∂z_s,j = q_j (log q_j − log p_j − KL)
+    JSD_β = β·KL(p‖m) + (1−β)·KL(q‖m), m = β p + (1−β) q
+        ∂JSD/∂q_k = (1−β)·log(q_k/m_k) =: a_k (the p- and m-terms cancel), so through the softmax
+        ∂/∂z_s,j = q_j (a_j − Σ_k q_k a_k)
+    β = 0 and β = 1 are forward and reverse KL (the TRL / Liger convention).
+The teacher gets no gradient (it is frozen). ∂/∂s = (1/T)·∂/∂z_s.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+KIND_FORWARD_KL, KIND_REVERSE_KL, KIND_JSD = 0, 1, 2
+
+
+@triton.jit
+def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
+    if HAS_SOFTCAP:
+        return softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)  # c·tanh(x/c)
+    return x
+
+
+@triton.jit
+def _ce_rows(
+    logits_ptr, labels_ptr, loss_ptr, scale_ptr,  # logits (N, V) in place → gradient; labels, loss (N,); scale (1,)
+    V, stride_row, ignore_index, label_smoothing, softcap,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    ptr = logits_ptr + row * stride_row
+    label = tl.load(labels_ptr + row)
+    grad_scale = tl.load(scale_ptr)  # 1/n_valid from a tensor: no host sync
+    cols = tl.arange(0, BLOCK_V)
+    if label == ignore_index:
+        for v0 in range(0, V, BLOCK_V):
+            tl.store(ptr + v0 + cols, tl.zeros((BLOCK_V,), dtype=tl.float32).to(logits_ptr.dtype.element_ty),
+                     mask=v0 + cols < V)
+        tl.store(loss_ptr + row, 0.0)
+        return
+    m = -float("inf")
+    d = 0.0
+    zsum = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        mask = v0 + cols < V
+        z = _capped(tl.load(ptr + v0 + cols, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
+        z = tl.where(mask, z, -float("inf"))
+        m_new = tl.maximum(m, tl.max(z, 0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+        m = m_new
+        zsum += tl.sum(tl.where(mask, z, 0.0), 0)
+    lse = m + tl.log(d)
+    z_y = _capped(tl.load(ptr + label).to(tl.float32), softcap, HAS_SOFTCAP)
+    loss = (1.0 - label_smoothing) * (lse - z_y) + label_smoothing * (lse - zsum / V)
+    tl.store(loss_ptr + row, loss)
+    for v0 in range(0, V, BLOCK_V):
+        mask = v0 + cols < V
+        z = _capped(tl.load(ptr + v0 + cols, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
+        g = tl.exp(z - lse) - label_smoothing / V
+        g = tl.where(v0 + cols == label, g - (1.0 - label_smoothing), g)
+        if HAS_SOFTCAP:
+            g = g * (1.0 - (z / softcap) * (z / softcap))
+        tl.store(ptr + v0 + cols, (g * grad_scale).to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _distill_rows(
+    s_ptr, t_ptr, g_ptr, valid_ptr, loss_ptr, scale_ptr,  # s, t (N, V); g (N, V) gradient (may alias s or t)
+    V, stride_s, stride_t, stride_g, inv_temperature, beta,
+    KIND: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    sp, tp, gp = s_ptr + row * stride_s, t_ptr + row * stride_t, g_ptr + row * stride_g
+    cols = tl.arange(0, BLOCK_V)
+    grad_scale = tl.load(scale_ptr)
+    if tl.load(valid_ptr + row) == 0:
+        for v0 in range(0, V, BLOCK_V):
+            tl.store(gp + v0 + cols, tl.zeros((BLOCK_V,), dtype=tl.float32).to(g_ptr.dtype.element_ty),
+                     mask=v0 + cols < V)
+        tl.store(loss_ptr + row, 0.0)
+        return
+    # pass 1: log-sum-exp of both distributions
+    ms = -float("inf")
+    ds = 0.0
+    mt = -float("inf")
+    dt = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        mask = v0 + cols < V
+        zs = tl.where(mask, tl.load(sp + v0 + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature, -float("inf"))
+        zt = tl.where(mask, tl.load(tp + v0 + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature, -float("inf"))
+        ms_new = tl.maximum(ms, tl.max(zs, 0))
+        ds = ds * tl.exp(ms - ms_new) + tl.sum(tl.exp(zs - ms_new), 0)
+        ms = ms_new
+        mt_new = tl.maximum(mt, tl.max(zt, 0))
+        dt = dt * tl.exp(mt - mt_new) + tl.sum(tl.exp(zt - mt_new), 0)
+        mt = mt_new
+    lse_s = ms + tl.log(ds)
+    lse_t = mt + tl.log(dt)
+    log_beta = tl.log(tl.maximum(beta, 1e-30))
+    log_1mb = tl.log(tl.maximum(1.0 - beta, 1e-30))
+    # pass 2: the loss and Σ q·a
+    loss = 0.0
+    qa = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        mask = v0 + cols < V
+        lq = tl.load(sp + v0 + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature - lse_s
+        lp = tl.load(tp + v0 + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature - lse_t
+        q = tl.where(mask, tl.exp(lq), 0.0)
+        p = tl.where(mask, tl.exp(lp), 0.0)
+        if KIND == 0:
+            loss += tl.sum(p * (lp - lq), 0)
+        elif KIND == 1:
+            loss += tl.sum(q * (lq - lp), 0)
+        else:
+            a1 = lp + log_beta
+            a2 = lq + log_1mb
+            mx = tl.maximum(a1, a2)
+            lm = mx + tl.log(tl.exp(a1 - mx) + tl.exp(a2 - mx))  # log m, overflow-free
+            loss += tl.sum(beta * p * (lp - lm) + (1.0 - beta) * q * (lq - lm), 0)
+            qa += tl.sum(q * (1.0 - beta) * (lq - lm), 0)
+    tl.store(loss_ptr + row, loss)
+    # pass 3: the gradient w.r.t. the student logits (after all reads of this block: may alias s)
+    for v0 in range(0, V, BLOCK_V):
+        mask = v0 + cols < V
+        lq = tl.load(sp + v0 + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature - lse_s
+        lp = tl.load(tp + v0 + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature - lse_t
+        q = tl.exp(lq)
+        if KIND == 0:
+            g = q - tl.exp(lp)
+        elif KIND == 1:
+            g = q * (lq - lp - loss)
+        else:
+            a1 = lp + log_beta
+            a2 = lq + log_1mb
+            mx = tl.maximum(a1, a2)
+            lm = mx + tl.log(tl.exp(a1 - mx) + tl.exp(a2 - mx))
+            g = q * ((1.0 - beta) * (lq - lm) - qa)
+        tl.store(gp + v0 + cols, (g * (grad_scale * inv_temperature)).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def block_v(V: int, cap: int = 4096) -> int:
+    return min(cap, triton.next_power_of_2(V))
+
+
+def _warps(bv: int) -> int:
+    return 8 if bv >= 2048 else 4
+
+
+DISTILL_BLOCK_CAP = 2048  # the JSD pass keeps ~3× the live values of CE per element
+
+
+def distill_warps(bv: int) -> int:
+    """About 4 vocabulary elements per thread: spill-free on sm_75..sm_90 for every kind."""
+    return max(1, min(16, bv // 128))
+
+
+def launch_ce_rows(logits, labels, loss, scale, ignore_index: int, label_smoothing: float, softcap: float | None):
+    """In place: logits (n, V) become scale·∂loss/∂logits; loss (n,) gets each row's loss."""
+    n, V = logits.shape
+    if n == 0:
+        return
+    bv = block_v(V)
+    _ce_rows[(n,)](logits, labels, loss, scale, V, logits.stride(0), int(ignore_index), float(label_smoothing),
+                   float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, BLOCK_V=bv, num_warps=_warps(bv))
+
+
+def launch_distill_rows(s, t, g, valid, loss, scale, kind: int, temperature: float, beta: float):
+    """g (n, V, may alias s or t) = scale·∂loss/∂s; loss (n,) per row; rows with valid == 0 get 0."""
+    n, V = s.shape
+    if n == 0:
+        return
+    bv = block_v(V, DISTILL_BLOCK_CAP)
+    _distill_rows[(n,)](s, t, g, valid, loss, scale, V, s.stride(0), t.stride(0), g.stride(0),
+                        1.0 / float(temperature), float(beta), KIND=kind, BLOCK_V=bv, num_warps=distill_warps(bv))

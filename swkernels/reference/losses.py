@@ -1,0 +1,114 @@
+"""Pure-torch losses: the oracle for the loss kernels and their CPU fallback (fp32 math)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _valid(labels, n, ignore_index, device):
+    if labels is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    return labels.reshape(-1) != ignore_index
+
+
+def distill_per_token(s: torch.Tensor, t: torch.Tensor, kind: str, temperature: float, beta: float) -> torch.Tensor:
+    """Per-row divergence between teacher p = softmax(t/T) and student q = softmax(s/T)."""
+    lq = F.log_softmax(s.float() / temperature, dim=-1)
+    lp = F.log_softmax(t.float() / temperature, dim=-1)
+    if kind == "jsd" and beta == 0.0:
+        kind = "forward_kl"
+    if kind == "jsd" and beta == 1.0:
+        kind = "reverse_kl"
+    if kind == "forward_kl":
+        return (lp.exp() * (lp - lq)).sum(-1)
+    if kind == "reverse_kl":
+        return (lq.exp() * (lq - lp)).sum(-1)
+    if kind == "jsd":
+        lm = torch.logsumexp(torch.stack([lp + math.log(beta), lq + math.log(1 - beta)]), dim=0)
+        return beta * (lp.exp() * (lp - lm)).sum(-1) + (1 - beta) * (lq.exp() * (lq - lm)).sum(-1)
+    raise ValueError(f"unknown distillation kind {kind!r}")
+
+
+def distill_loss(s, t, kind="forward_kl", temperature=1.0, beta=0.5, ignore_index=-100, labels=None,
+                 scale_by_t2=False) -> torch.Tensor:
+    """Mean over non-ignored tokens of the divergence (× T² if asked)."""
+    s2, t2 = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+    valid = _valid(labels, s2.shape[0], ignore_index, s.device)
+    per = distill_per_token(s2, t2, kind, temperature, beta)
+    loss = (per * valid).sum() / valid.sum().clamp_min(1)
+    return loss * temperature**2 if scale_by_t2 else loss
+
+
+def capped_logits(hidden, weight, bias=None, softcap=None) -> torch.Tensor:
+    logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
+def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, label_smoothing=0.0, softcap=None, bias=None,
+                         reduction="mean") -> torch.Tensor:
+    logits = capped_logits(hidden.reshape(-1, hidden.shape[-1]), weight, bias, softcap)
+    return F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, label_smoothing=label_smoothing,
+                           reduction=reduction)
+
+
+def linear_distill(s_hidden, s_weight, t_hidden, t_weight, labels, kind="forward_kl", temperature=1.0, beta=0.5,
+                   alpha=0.5, ignore_index=-100, vocab_size=None, scale_by_t2=False) -> torch.Tensor:
+    """(1 − α)·CE(student, labels) + α·KD(teacher‖student), both means over non-ignored tokens,
+    over the first ``vocab_size`` logits of each model (padding rows dropped)."""
+    V = vocab_size or s_weight.shape[0]
+    s = capped_logits(s_hidden.reshape(-1, s_hidden.shape[-1]), s_weight)[:, :V]
+    t = capped_logits(t_hidden.reshape(-1, t_hidden.shape[-1]), t_weight)[:, :V]
+    kd = distill_loss(s, t, kind, temperature, beta, ignore_index, labels, scale_by_t2)
+    if alpha >= 1.0:
+        return kd
+    ce = F.cross_entropy(s, labels.reshape(-1), ignore_index=ignore_index)
+    return (1 - alpha) * ce + alpha * kd
+
+
+def topk_distill_per_token(s: torch.Tensor, topk_logprobs: torch.Tensor, topk_indices: torch.Tensor, kind: str,
+                           temperature: float, beta: float) -> torch.Tensor:
+    """KD restricted to the teacher's top-k support, both distributions renormalised over it."""
+    return distill_per_token(s.float().gather(-1, topk_indices), topk_logprobs.float(), kind, temperature, beta)
+
+
+# ---- row-wise equivalents of the Triton loss kernels (the fused ops' CPU fallback) ----
+
+def ce_rows_(logits, labels, losses, scale, ignore_index, label_smoothing, softcap):
+    """In place, like ``_ce_rows``: logits (n, V) → scale·∂loss/∂logits; losses (n,) ← per-row loss."""
+    z = logits.float()
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0)
+    lse = torch.logsumexp(z, dim=-1)
+    z_y = z.gather(1, safe[:, None])[:, 0]
+    loss = (1 - label_smoothing) * (lse - z_y) + label_smoothing * (lse - z.mean(-1))
+    losses.copy_(torch.where(valid, loss, 0.0))
+    g = torch.softmax(z, dim=-1) - label_smoothing / z.shape[-1]
+    g.scatter_add_(1, safe[:, None], torch.full_like(z_y[:, None], -(1 - label_smoothing)))
+    if softcap:
+        g = g * (1 - (z / softcap) ** 2)
+    logits.copy_(g * scale * valid[:, None])
+
+
+def distill_rows(s, t, g, valid, losses, scale, kind, temperature, beta):
+    """Like ``_distill_rows`` (kind: 0 forward KL, 1 reverse KL, 2 JSD): g ← scale·∂loss/∂s."""
+    lq = torch.log_softmax(s.float() / temperature, dim=-1)
+    lp = torch.log_softmax(t.float() / temperature, dim=-1)
+    q, p = lq.exp(), lp.exp()
+    if kind == 0:
+        loss, grad = (p * (lp - lq)).sum(-1), q - p
+    elif kind == 1:
+        loss = (q * (lq - lp)).sum(-1)
+        grad = q * (lq - lp - loss[:, None])
+    else:
+        lm = torch.logsumexp(torch.stack([lp + math.log(beta), lq + math.log(1 - beta)]), dim=0)
+        loss = beta * (p * (lp - lm)).sum(-1) + (1 - beta) * (q * (lq - lm)).sum(-1)
+        a = (1 - beta) * (lq - lm)
+        grad = q * (a - (q * a).sum(-1, keepdim=True))
+    keep = valid.bool()
+    losses.copy_(torch.where(keep, loss, 0.0))
+    g.copy_(grad * (scale / temperature) * keep[:, None])

@@ -1,0 +1,121 @@
+"""Fused linear distillation vs unfused linear + loss, top-k teachers and padded vocabularies."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import swkernels
+from swkernels import reference
+from swkernels.memtrack import LiveBytes
+from tests.utils import collect_each_op
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def setup_models(n=29, h=16, vs=203, vt=203, dtype=torch.float32, device="cpu"):
+    hs = torch.randn(n, h, device=device).to(dtype).requires_grad_()
+    ws = (torch.randn(vs, h, device=device) / math.sqrt(h)).to(dtype).requires_grad_()
+    ht = torch.randn(n, h, device=device).to(dtype)
+    wt = (torch.randn(vt, h, device=device) * 2 / math.sqrt(h)).to(dtype)
+    y = torch.randint(0, min(vs, vt), (n,), device=device)
+    y[[0, 5]] = -100
+    return hs, ws, ht, wt, y
+
+
+@pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])  # torch: the chunked CPU fallback
+def test_matches_unfused_linear_plus_loss(kind, beta, alpha, dtype, backend, device):
+    hs, ws, ht, wt, y = setup_models(dtype=dtype, device=device)
+    with swkernels.force_backend(backend):
+        loss = swkernels.fused_linear_distill(hs, ws, ht, wt, y, kind, 2.0, beta, alpha, scale_by_t2=True,
+                                             max_chunk_bytes=8 * 203 * 4)
+    gh, gw = torch.autograd.grad(loss * 1.3, (hs, ws))
+    ref = reference.linear_distill(hs, ws, ht, wt, y, kind, 2.0, beta, alpha, scale_by_t2=True)
+    gh_r, gw_r = torch.autograd.grad(ref * 1.3, (hs, ws))
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(loss, ref, rtol=tol, atol=1e-5)
+    assert rel(gh, gh_r) < tol and rel(gw, gw_r) < tol
+
+
+def test_padded_vocabularies_are_trimmed(device):
+    hs, ws, ht, wt, y = setup_models(vs=203, vt=211, device=device)
+    loss = swkernels.fused_linear_distill(hs, ws, ht, wt, y, vocab_size=200)
+    gh, gw = torch.autograd.grad(loss, (hs, ws))
+    ref = reference.linear_distill(hs, ws, ht, wt, y, vocab_size=200)
+    gh_r, gw_r = torch.autograd.grad(ref, (hs, ws))
+    torch.testing.assert_close(loss, ref, rtol=2e-5, atol=1e-6)
+    assert rel(gh, gh_r) < 2e-5 and rel(gw, gw_r) < 2e-5
+    assert torch.count_nonzero(gw[200:]) == 0  # padding rows of the student head get nothing
+
+
+def test_different_vocabularies_without_vocab_size_is_a_clear_error():
+    hs, ws, ht, wt, y = setup_models(vs=203, vt=211)
+    with pytest.raises(ValueError, match="pass vocab_size="):
+        swkernels.fused_linear_distill(hs, ws, ht, wt, y)
+    with pytest.raises(ValueError, match="vocab_size=300 must be in 1..203"):
+        swkernels.fused_linear_distill(hs, ws, ht, wt, y, vocab_size=300)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
+def test_topk_teacher(kind, device):
+    hs, ws, ht, wt, y = setup_models(device=device)
+    teacher_logprobs = F.log_softmax(ht.float() @ wt.float().t(), dim=-1)
+    vals, idx = teacher_logprobs.topk(8, dim=-1)
+    loss = swkernels.fused_linear_distill(hs, ws, labels=y, kind=kind, alpha=0.5, teacher_topk=(vals, idx))
+    gh, gw = torch.autograd.grad(loss, (hs, ws))
+    s = hs @ ws.t()
+    valid = y != -100
+    per = reference.topk_distill_per_token(s, vals, idx, kind, 1.0, 0.5)
+    ref = 0.5 * F.cross_entropy(s, y) + 0.5 * (per * valid).sum() / valid.sum()
+    gh_r, gw_r = torch.autograd.grad(ref, (hs, ws))
+    torch.testing.assert_close(loss, ref, rtol=2e-5, atol=1e-6)
+    assert rel(gh, gh_r) < 2e-5 and rel(gw, gw_r) < 2e-5
+
+
+def test_teacher_must_be_given_one_way():
+    hs, ws, ht, wt, y = setup_models()
+    with pytest.raises(ValueError, match="either"):
+        swkernels.fused_linear_distill(hs, ws, ht, None, y)
+
+
+def test_fake_impl_allocates_what_the_real_chunks_allocate():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def step():
+        hs = torch.randn(40, 32, dtype=torch.bfloat16, requires_grad=True)
+        ws = torch.randn(130, 32, dtype=torch.bfloat16, requires_grad=True)
+        ht, wt = torch.randn(40, 32, dtype=torch.bfloat16), torch.randn(130, 32, dtype=torch.bfloat16)
+        swkernels.fused_linear_distill(hs, ws, ht, wt, torch.randint(0, 130, (40,)), "jsd").backward()
+
+    with swkernels.force_backend("triton"), LiveBytes() as real, collect_each_op():
+        step()
+    with FakeTensorMode(), swkernels.force_backend("triton"), LiveBytes() as fake:
+        step()
+    assert fake.peak == real.peak > 0
+
+
+def test_peak_memory_far_below_unfused_at_128k_vocab():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    n, h, v = 4096, 4096, 128_256
+    with FakeTensorMode():
+        hs = torch.empty(n, h, dtype=torch.bfloat16, requires_grad=True)
+        ws = torch.empty(v, h, dtype=torch.bfloat16)
+        ht, wt = torch.empty(n, h, dtype=torch.bfloat16), torch.empty(v, h, dtype=torch.bfloat16)
+        y = torch.zeros(n, dtype=torch.long)
+        with LiveBytes() as unfused:
+            s = (hs @ ws.t()).float()
+            t = (ht @ wt.t()).float()
+            kd = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+            (0.5 * F.cross_entropy(s, y) + 0.5 * kd).backward()
+            del s, t
+        hs.grad = None
+        with swkernels.force_backend("triton"), LiveBytes() as fused:
+            swkernels.fused_linear_distill(hs, ws, ht, wt, y).backward()
+    assert fused.peak < unfused.peak / 8, (fused.peak / 2**30, unfused.peak / 2**30)
