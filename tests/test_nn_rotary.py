@@ -101,3 +101,34 @@ def test_dynamic_ntk_depends_only_on_the_current_length():
     theirs(x, torch.arange(900)[None])
     theirs(x, torch.arange(500)[None])
     assert not torch.allclose(theirs.inv_freq, fresh_500)
+
+
+@pytest.mark.parametrize("name,seq", [("yarn", 37), ("dynamic", 300), ("llama3", 37), ("longrope", 30),
+                                      ("longrope", 80)])
+def test_fused_kernel_path_matches_transformers_attention_inputs(name, seq):
+    """inv_freq_for + attention_factor fed to the kernel rotate q/k like transformers' rotary module
+    + apply_rotary_pos_emb (attention factor ≠ 1 for YaRN and LongRoPE)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    import swkernels
+
+    if name == "longrope":
+        half = 64 // 4 // 2
+        config = Phi3Config(**TINY, original_max_position_embeddings=64, rope_scaling={
+            "type": "longrope", "long_factor": [1.0 + i for i in range(half)], "short_factor": [1.5] * half})
+        theirs = Phi3RotaryEmbedding(config)
+    else:
+        config = LlamaConfig(**TINY, rope_scaling=copy.deepcopy(SCALINGS[name]))
+        theirs = LlamaRotaryEmbedding(config)
+    ours = RotaryEmbedding(config)
+    q = torch.randn(2, seq, 4, 16).transpose(1, 2)
+    k = torch.randn(2, seq, 2, 16).transpose(1, 2)
+    pos = torch.arange(seq).repeat(2, 1)
+    cos, sin = theirs(q, pos)
+    want = apply_rotary_pos_emb(q, k, cos, sin)
+    inv, factor = ours.inv_freq_for(seq)
+    assert factor == ours.attention_factor == pytest.approx(theirs.attention_scaling)
+    got = swkernels.apply_rope(q, k, pos, inv, factor)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

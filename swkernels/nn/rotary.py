@@ -3,7 +3,8 @@ and its siblings) computing inverse frequencies with :mod:`swkernels.rope_scalin
 
 It returns ``(cos, sin)`` with the shapes and dtype transformers' attention expects, so an
 unmodified model keeps working after :func:`replace_rotary`; ``inv_freq_for(seq_len)`` and
-``attention_scaling`` feed the fused :func:`swkernels.apply_rope` kernel.
+``attention_factor`` feed the fused :func:`swkernels.apply_rope` kernel (``inv_freq`` itself stays
+the length-independent table, as built at init).
 
 Dynamic NTK is a pure function of the current sequence length here: it grows when the sequence
 grows past ``max_position_embeddings`` and is exactly the original below it. (transformers keeps
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from swkernels.reference.rope import rope_cos_sin
 from swkernels.rope_scaling import RopeSpec, inv_freq_and_factor, rope_spec
 
 
@@ -30,6 +32,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("original_inv_freq", inv_freq.clone().to(device), persistent=False)
         self.max_seq_len_cached = self.original_max_seq_len = self.spec.max_position_embeddings
         self._by_length: dict[int, tuple[torch.Tensor, float]] = {}
+
+    @property
+    def attention_factor(self) -> float:
+        """The cos/sin scale (YaRN, LongRoPE; 1 otherwise): pass it to :func:`swkernels.apply_rope`.
+        ``attention_scaling`` is the same number under transformers' name."""
+        return self.attention_scaling
 
     @property
     def depends_on_length(self) -> bool:
@@ -56,9 +64,8 @@ class RotaryEmbedding(nn.Module):
             raise ValueError("swkernels RotaryEmbedding does not support per-layer-type RoPE")
         seq_len = int(position_ids.max()) + 1 if self.depends_on_length else None
         inv_freq, factor = self.inv_freq_for(seq_len)
-        freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float32)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * factor).to(x.dtype), (emb.sin() * factor).to(x.dtype)
+        cos, sin = rope_cos_sin(position_ids, inv_freq.to(x.device), factor)
+        return cos.to(x.dtype), sin.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"rope_type={self.rope_type}, dim={self.spec.dim}, theta={self.spec.theta}"
