@@ -31,7 +31,7 @@ from swkernels.registry import KernelSpec, register
 
 # Heads are rotated in tiles of BLOCK_H × BLOCK_R pairs, two tiles per loop step (both loaded
 # before either is stored, so 4 KB of bf16 is in flight per program). TILE pairs per tile over
-# 4 warps is 4 per thread and keeps registers ≤ 64 (more per thread and the per-column sin/cos
+# 4 warps is 4 per thread and keeps registers ≤ 72 on sm_75…90 (more per thread and the per-column sin/cos
 # crowd out the data). BLOCK_H follows from BLOCK_R, so the only compile-time choice is BLOCK_R
 # (the rotary half-dim rounded up to a power of two) and every launchable config is registered.
 TILE = 512
