@@ -45,9 +45,8 @@ class RopeSpec:
         return int(self.params.get("original_max_position_embeddings") or self.max_position_embeddings)
 
 
-def rope_spec(config_or_params) -> RopeSpec:
-    """Normalise a transformers config, a config.json-style dict, or a dict with ``rope_parameters``
-    / legacy ``rope_scaling`` (+ ``rope_theta``, ``head_dim`` or ``hidden_size``/``num_attention_heads``)."""
+def _as_config(config_or_params):
+    """A standardised private copy of a transformers config (or of a config.json-style dict)."""
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(config_or_params, PretrainedConfig):
@@ -58,10 +57,36 @@ def rope_spec(config_or_params) -> RopeSpec:
         config = AutoConfig.for_model(**data)
     else:
         raise TypeError(f"rope_inv_freq needs a transformers config or a dict, got {type(config_or_params).__name__}")
-    config.standardize_rope_params()
+    config.standardize_rope_params()  # legacy rope_scaling / rope_theta → rope_parameters
+    return config
+
+
+def _is_per_layer_type(params: dict) -> bool:
+    return bool(params) and all(isinstance(v, dict) or v is None for v in params.values())
+
+
+def rope_layer_types(config_or_params) -> list[str] | None:
+    """The layer types with their own RoPE parameters (Gemma 3: sliding_attention and
+    full_attention), or None when every layer shares one set."""
+    params = _as_config(config_or_params).rope_parameters or {}
+    return sorted(k for k, v in params.items() if v is not None) if _is_per_layer_type(params) else None
+
+
+def rope_spec(config_or_params, layer_type: str | None = None) -> RopeSpec:
+    """Normalise a transformers config, a config.json-style dict, or a dict with ``rope_parameters``
+    / legacy ``rope_scaling`` (+ ``rope_theta``, ``head_dim`` or ``hidden_size``/``num_attention_heads``).
+    Configs with per-layer-type parameters need ``layer_type``."""
+    config = _as_config(config_or_params)
     params = dict(config.rope_parameters or {})
-    if any(isinstance(v, dict) for v in params.values()):
-        raise ValueError("per-layer-type RoPE parameters are not supported yet; pass one layer type's dict")
+    if _is_per_layer_type(params):
+        types = sorted(k for k, v in params.items() if v is not None)
+        if layer_type not in types:
+            raise ValueError(f"this config has RoPE parameters per layer type {types}; pass layer_type= one of them"
+                             + ("" if layer_type is None else f" (got {layer_type!r})"))
+        params = dict(params[layer_type])
+    elif layer_type is not None:
+        raise ValueError(f"layer_type={layer_type!r} given, but this config has one set of RoPE parameters for "
+                         "every layer; leave layer_type out")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
@@ -152,8 +177,10 @@ def inv_freq_and_factor(spec: RopeSpec, seq_len: int | None = None) -> tuple[tor
     return _longrope(spec, seq_len)
 
 
-def rope_inv_freq(config_or_params, seq_len: int | None = None, device=None) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(config_or_params, seq_len: int | None = None, device=None,
+                  layer_type: str | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (fp32, rotary_dim/2) and attention factor for a model config or RoPE
-    parameter dict, at sequence length ``seq_len`` (matters for dynamic NTK and LongRoPE)."""
-    inv_freq, factor = inv_freq_and_factor(rope_spec(config_or_params), seq_len)
+    parameter dict, at sequence length ``seq_len`` (matters for dynamic NTK and LongRoPE), for
+    ``layer_type`` when the config has parameters per layer type (see :func:`rope_layer_types`)."""
+    inv_freq, factor = inv_freq_and_factor(rope_spec(config_or_params, layer_type), seq_len)
     return inv_freq.to(device) if device is not None else inv_freq, factor

@@ -80,3 +80,24 @@ def test_unknown_type_is_a_clear_error():
     with pytest.raises(ValueError, match="unsupported rope_type"):
         rope_inv_freq({"hidden_size": 64, "num_attention_heads": 4,
                        "rope_parameters": {"rope_type": "proportional", "rope_theta": 1e4}})
+
+
+@pytest.mark.parametrize("layer_type", ["sliding_attention", "full_attention"])
+def test_per_layer_type_parameters_match_transformers(layer_type):
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+    config = Gemma3TextConfig(hidden_size=2560, num_attention_heads=8, head_dim=256,
+                              rope_scaling={"rope_type": "linear", "factor": 8.0})
+    ours, ours_factor = rope_inv_freq(config, layer_type=layer_type)
+    c = copy.deepcopy(config)
+    rope_type = c.rope_parameters[layer_type]["rope_type"]
+    init = Gemma3RotaryEmbedding.compute_default_rope_parameters if rope_type == "default" \
+        else ROPE_INIT_FUNCTIONS[rope_type]
+    theirs, their_factor = init(c, None, layer_type=layer_type)
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-6, atol=0)
+    assert ours_factor == their_factor
+    with pytest.raises(ValueError, match="per layer type"):
+        rope_inv_freq(config)
+    with pytest.raises(ValueError, match="leave layer_type out"):
+        rope_inv_freq(CONFIGS["linear"], layer_type="full_attention")

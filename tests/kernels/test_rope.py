@@ -11,8 +11,11 @@ from swkernels.ops.rope import rope_op
 from tests.utils import DTYPES, assert_close, collect_each_op
 
 # (batch, q heads, kv heads, seq, head_dim, rotary_dim): odd seq, GQA, head dims 64/80/96/128/256, partial
+# rotary (Phi-3/4-style 96 of 128 dims, Phi-2-style 32 of 80, NeoX-style 32 of 128: the pass-through
+# spans several copy chunks), head counts that are not multiples of the head tile (20 q heads, 1 kv)
 CASES = [(2, 4, 2, 37, 64, 64), (1, 6, 6, 19, 80, 80), (1, 4, 1, 23, 96, 96), (2, 8, 2, 13, 128, 128),
-         (1, 2, 1, 9, 256, 256), (1, 4, 2, 17, 96, 64)]
+         (1, 2, 1, 9, 256, 256), (1, 4, 2, 17, 96, 64), (1, 3, 1, 7, 128, 96), (1, 20, 5, 5, 80, 32),
+         (1, 2, 1, 11, 128, 32)]
 
 
 def inv_freq(dim, theta=10000.0):
@@ -66,14 +69,27 @@ def test_forward_and_backward_match_reference_and_transformers(case, dtype, devi
         assert_close(got, want, dtype, scale=8)
 
 
-def test_in_place_variant(device):
-    q, k, pos, inv = make(CASES[0], torch.float32, device)
-    q, k = q.detach().clone(), k.detach().clone()
-    want = reference.apply_rope(q, k, pos, inv, 1.0)
-    out = swkernels.apply_rope_(q, k, pos, inv)
-    assert out[0] is q and out[1] is k
+@pytest.mark.parametrize("case", [CASES[0], CASES[6]], ids=["full", "partial"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_in_place_variant(case, dtype, device):
+    q, k, pos, inv = make(case, dtype, device, packed=True)
+    q, k = q.detach(), k.detach()  # still (B, T, H, D) storage viewed as (B, H, T, D)
+    want = reference.apply_rope(q, k, pos, inv, 0.9)
+    q_ptr, k_ptr = q.data_ptr(), k.data_ptr()
+    out = swkernels.apply_rope_(q, k, pos, inv, 0.9)
+    assert out[0] is q and out[1] is k and q.data_ptr() == q_ptr and k.data_ptr() == k_ptr
     assert_close(q, want[0])
     assert_close(k, want[1])
+    assert torch.equal(q[..., case[5]:], want[0][..., case[5]:])  # pass-through dims untouched
+
+
+def test_every_launchable_config_is_health_checked():
+    from swkernels.ops.rope import launch_config
+    from swkernels.registry import registered
+
+    checked = [s.constexprs for s in registered() if s.op == "rope"]
+    for rotary_dim in range(2, 257, 2):
+        assert launch_config(rotary_dim // 2) in checked, rotary_dim
 
 
 def test_backward_is_the_inverse_rotation(device):
@@ -92,6 +108,10 @@ def test_bad_shapes_say_how_to_fix():
         swkernels.apply_rope(q, k, pos[:, :5], inv)
     with pytest.raises(ValueError, match="head_dim/2"):
         swkernels.apply_rope(q, k, pos, torch.ones(40))
+    with pytest.raises(ValueError, match="integer"):
+        swkernels.apply_rope(q, k, pos.float(), inv)
+    with pytest.raises(ValueError, match="share dtype"):
+        swkernels.apply_rope(q, k.double(), pos, inv)
 
 
 def test_custom_op_registration_is_consistent():
@@ -135,3 +155,17 @@ def test_torch_compile_traces_the_op():
     fn = torch.compile(lambda q, k: swkernels.apply_rope(q, k, pos, inv), backend="aot_eager", fullgraph=True)
     qo, _ = fn(q, k)
     assert_close(qo, reference.apply_rope(q, k, pos, inv)[0], scale=4)
+
+
+@pytest.mark.gpu
+def test_long_positions_on_gpu():
+    """Positions up to 128K (angles ~1e5 rad): the in-kernel sin/cos must reduce the range as
+    accurately as torch does (approximate hardware sin/cos would not)."""
+    T = 131072
+    q = torch.randn(1, T, 4, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, T, 1, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    pos, inv = torch.arange(T, device="cuda")[None], inv_freq(128, 500000.0).cuda()
+    qo, ko = swkernels.apply_rope(q, k, pos, inv, 1.1)
+    qr, kr = reference.apply_rope(q, k, pos, inv, 1.1)
+    assert_close(qo, qr, scale=2)
+    assert_close(ko, kr, scale=2)
