@@ -10,6 +10,7 @@ import math
 import torch
 from torch import nn
 
+from swkernels.ops._nf4 import nf4_state
 from swkernels.ops.lora_linear import lora_linear
 from swkernels.ops.nf4_lora_linear import nf4_lora_linear
 
@@ -73,13 +74,9 @@ class LoRALinear(nn.Module):
     def base_weight(self) -> torch.Tensor:
         """The base weight in full precision (dequantised for NF4)."""
         if self.nf4:
-            from swkernels.ops.nf4_lora_linear import nf4_state
-            from swkernels.reference import nf4_dequantize
-
             # our reader, not bitsandbytes' CPU dequantize: in bnb 0.50.2 that one is wrong when
-            # in_features % 64 != 0 but the element count is a multiple of 64 (e.g. 40×96)
-            packed, absmax, code, shape, blocksize = nf4_state(self.base_layer.weight)
-            return nf4_dequantize(packed, absmax, code, shape, blocksize)
+            # in_features % 64 != 0 but is even (blocks straddling rows, e.g. 40×96)
+            return nf4_state(self.base_layer.weight).dequantize()
         return self.base_layer.weight.float()
 
     @torch.no_grad()

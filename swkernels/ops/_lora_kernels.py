@@ -49,13 +49,22 @@ def _dropout_mask_kernel(out_ptr, n, p, seed, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _nf4_tile(w_ptr, code_ptr, absmax_ptr, flat, mask, BLOCKSIZE: tl.constexpr):
+def _nf4_tile(w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat, mask,
+              BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
     """Dequantise NF4 elements at flat (row-major) indices of W: byte i//2 holds element i, even
-    elements in the high nibble; value = code[nibble] · absmax[i // blocksize] (fp32)."""
+    elements in the high nibble; value = code[nibble] · absmax[i // blocksize] (fp32).
+    NESTED (double quant): absmax is itself 8-bit, absmax[b] = code2[q[b]] · absmax2[b // 256] + offset,
+    decoded here from bitsandbytes' own tensors (the gathers hit L1: a BK×BN tile spans few blocks)."""
     byte = tl.load(w_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
     nib = tl.where(flat % 2 == 0, byte >> 4, byte & 0xF)
     code = tl.load(code_ptr + nib, mask=mask, other=0.0)
-    scale = tl.load(absmax_ptr + flat // BLOCKSIZE, mask=mask, other=0.0)
+    block = flat // BLOCKSIZE
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = (tl.load(code2_ptr + q, mask=mask, other=0.0)
+                 * tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0) + tl.load(offset_ptr))
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
     return code * scale
 
 
@@ -89,12 +98,14 @@ def _skinny_nt(
 @triton.jit
 def _gemm_lora(
     x_ptr, z_ptr, l_ptr, q_ptr, bias_ptr, c_ptr,  # X (M,K), Z (N,K), L (M,R), Q (N,R), bias (N,), C (M,N)
-    code_ptr, absmax_ptr,  # NF4 only: 16-entry code (fp32), absmax per block (fp32)
+    # NF4 only: 16-entry code (fp32), absmax per block (fp32, or uint8 when NF4_NESTED), and for
+    # NF4_NESTED the second-level 256-entry code, absmax per 256 blocks and the offset (fp32)
+    code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     M, N, K, R, M_BUCKET,  # M_BUCKET: power-of-two bucket of M, the autotune key (M itself varies per batch)
     stride_xm, stride_xk, stride_zn, stride_zk, stride_lm, stride_lr, stride_qn, stride_qr, stride_cm, stride_cn,
     scaling, dropout_p, seed,
     HAS_BIAS: tl.constexpr, Z_NF4: tl.constexpr, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
-    NF4_BLOCKSIZE: tl.constexpr,
+    NF4_BLOCKSIZE: tl.constexpr, NF4_NESTED: tl.constexpr, NF4_NESTED_BLOCKSIZE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped launch order: neighbouring programs share Z tiles in L2
@@ -117,7 +128,8 @@ def _gemm_lora(
         zmask = (rk[:, None] < K) & (rn[None, :] < N)
         zoffs = rk[:, None] * stride_zk + rn[None, :] * stride_zn  # Zᵀ tile (BK, BN)
         if Z_NF4:
-            z = _nf4_tile(z_ptr, code_ptr, absmax_ptr, zoffs, zmask, NF4_BLOCKSIZE)
+            z = _nf4_tile(z_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, zoffs, zmask,
+                          NF4_BLOCKSIZE, NF4_NESTED, NF4_NESTED_BLOCKSIZE)
         else:
             z = tl.load(z_ptr + zoffs, mask=zmask, other=0.0)
         acc += _dot(x, z, FP32_DOT)

@@ -28,14 +28,14 @@ import triton
 from swkernels import reference
 from swkernels._backend import interpreting, select_backend
 from swkernels.ops._lora_kernels import _dropout_mask_kernel, _gemm_lora, _skinny_nt, _skinny_tn
+from swkernels.ops._nf4 import NF4Weight
 from swkernels.registry import KernelSpec, register
 
 # (BM, BN, BK, warps, stages), checked spill-free and within ~99 KB of shared memory on sm_80+
 # by the health check. Triton lowers tl.dot to FMA (no tensor cores) below sm_80, so T4-class
-# GPUs take the cuBLAS path (see _use_cublas) and no GEMM config is registered for sm_75.
+# GPUs take the cuBLAS path (see use_cublas) and no GEMM config is registered for sm_75.
 # 128-row tiles spill on sm_86 once the BR=64 epilogue tiles are live; 8 warps keep 64-row ones clean.
 GEMM_CONFIGS = [(64, 128, 32, 8, 3), (64, 64, 32, 8, 3)]
-DROPOUT_GEMM_CONFIGS = GEMM_CONFIGS  # the dropout epilogue's second accumulator fits these too
 FP32_GEMM_CONFIGS = [(32, 64, 32, 8, 2)]  # fp32 tiles are twice the bytes (dense weights only)
 INTERPRETER_GEMM = (32, 32, 32, 4, 1)
 SKINNY_BM, SKINNY_BK, SKINNY_WARPS = 32, 32, 8  # one BM×BR output tile per program; spill-free sm_75..90
@@ -59,35 +59,37 @@ def _gemm_config(x: torch.Tensor) -> tuple[int, int, int, int, int]:
     return None  # autotuned
 
 
-def _autotuned_gemm(fp32: bool, dropout: bool):
-    configs = FP32_GEMM_CONFIGS if fp32 else (DROPOUT_GEMM_CONFIGS if dropout else GEMM_CONFIGS)
-    key = (fp32, dropout)
-    if key not in _AUTOTUNED:
-        _AUTOTUNED[key] = triton.autotune(
+def _autotuned_gemm(fp32: bool):
+    """The autotuned GEMM (one tuner per config list). The key buckets M; tensor dtypes (dense or
+    NF4, nested or not) join the key by themselves, the epilogue flags are named."""
+    if fp32 not in _AUTOTUNED:
+        _AUTOTUNED[fp32] = triton.autotune(
             configs=[triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": GROUP_M}, num_warps=w, num_stages=s)
-                     for bm, bn, bk, w, s in configs],
-            key=["M_BUCKET", "N", "K", "R"],
+                     for bm, bn, bk, w, s in (FP32_GEMM_CONFIGS if fp32 else GEMM_CONFIGS)],
+            key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "DROPOUT"],
         )(_gemm_lora)
-    return _AUTOTUNED[key]
+    return _AUTOTUNED[fp32]
 
 
 _AUTOTUNED: dict = {}
 
 
 def launch_gemm(x, z, z_strides, l, q, q_strides, bias, out, scaling: float, dropout_p: float, seed: int,
-                nf4: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+                nf4: NF4Weight | None = None) -> torch.Tensor:
     """out (M×N) = x·Zᵀ + s·(L·Qᵀ)[⊙ dropout] + bias. Z is (N×K) through ``z_strides`` (element
-    strides; for NF4 they index W's flattened elements); Q is (N×R) through ``q_strides``."""
+    strides; for NF4, ``z`` is the packed bytes and the strides index W's flattened elements);
+    Q is (N×R) through ``q_strides``."""
     M, K = x.shape
     N, R = out.shape[1], l.shape[1]
-    code, absmax, blocksize = nf4 if nf4 is not None else (x, x, 64)  # placeholders are never read
-    args = (x, z, l, q, bias if bias is not None else x, out, code, absmax,
+    args = (x, z, l, q, bias if bias is not None else x, out, *_nf4_args(x, nf4),
             M, N, K, R, triton.next_power_of_2(M),
             x.stride(0), x.stride(1), z_strides[0], z_strides[1], l.stride(0), l.stride(1),
             q_strides[0], q_strides[1], out.stride(0), out.stride(1),
             float(scaling), float(dropout_p), int(seed))
     meta = dict(HAS_BIAS=bias is not None, Z_NF4=nf4 is not None, DROPOUT=dropout_p > 0, FP32_DOT=_fp32_dot(x),
-                NF4_BLOCKSIZE=blocksize, BR=block_r(R))
+                NF4_BLOCKSIZE=nf4.blocksize if nf4 is not None else 64,
+                NF4_NESTED=nf4 is not None and nf4.nested,
+                NF4_NESTED_BLOCKSIZE=nf4.nested_blocksize if nf4 is not None else 256, BR=block_r(R))
     cfg = _gemm_config(x)
     if cfg is not None:
         bm, bn, bk, w, s = cfg
@@ -97,8 +99,18 @@ def launch_gemm(x, z, z_strides, l, q, q_strides, bias, out, scaling: float, dro
         def grid(m):
             return (triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"]),)
 
-        _autotuned_gemm(_fp32_dot(x), dropout_p > 0)[grid](*args, **meta)
+        _autotuned_gemm(_fp32_dot(x))[grid](*args, **meta)
     return out
+
+
+def _nf4_args(x: torch.Tensor, nf4: NF4Weight | None) -> tuple[torch.Tensor, ...]:
+    """The kernel's (code, absmax, absmax2, code2, offset) pointers; tensors that a variant never
+    reads are filled with a placeholder of a fixed dtype (the registry compiles the same types)."""
+    if nf4 is None:
+        return (x,) * 5
+    if nf4.nested:
+        return nf4.code, nf4.absmax, nf4.absmax2, nf4.code2, nf4.offset
+    return nf4.code, nf4.absmax, nf4.absmax, nf4.absmax, nf4.absmax
 
 
 def launch_skinny_nt(x, y_strides, y, R: int, out, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
@@ -267,28 +279,51 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
 
 # ---------------------------------------------------------------- health-check registry
 
-def _specs(op: str, z_type: str, nf4: bool) -> list[KernelSpec]:
-    """Every GEMM config the autotuner may pick, at both rank tiles (BR=32 and 64)."""
-    gemm_sig = {"x_ptr": "*{dtype}", "z_ptr": z_type, "l_ptr": "*{dtype}", "q_ptr": "*fp32", "bias_ptr": "*{dtype}",
-                "c_ptr": "*{dtype}", "code_ptr": "*fp32", "absmax_ptr": "*fp32",
-                **{k: "i32" for k in ("M", "N", "K", "R", "M_BUCKET", "stride_xm", "stride_xk", "stride_zn",
-                                      "stride_zk", "stride_lm", "stride_lr", "stride_qn", "stride_qr", "stride_cm",
-                                      "stride_cn")},
-                "scaling": "fp32", "dropout_p": "fp32", "seed": "i32",
-                **{k: "constexpr" for k in ("HAS_BIAS", "Z_NF4", "DROPOUT", "FP32_DOT", "NF4_BLOCKSIZE", "BM", "BN",
-                                            "BK", "BR", "GROUP_M")}}
+# Every kernel variant the launchers above can start, for the health check. The constexpr flags
+# that change the code: the GEMM runs as forward (bias or not, never dropout: the mask applies to
+# S) and as dX (no bias, dropout or not); the skinny kernels with and without dropout. Adapters
+# (A, B) are read as fp32, LoRALinear's dtype.
+GEMM_LAUNCHES = [dict(HAS_BIAS=True, DROPOUT=False), dict(HAS_BIAS=False, DROPOUT=False),
+                 dict(HAS_BIAS=False, DROPOUT=True)]
+NF4_VARIANTS = [dict(NF4_NESTED=False), dict(NF4_NESTED=True)]
+_GEMM_INTS = ("M", "N", "K", "R", "M_BUCKET", "stride_xm", "stride_xk", "stride_zn", "stride_zk", "stride_lm",
+              "stride_lr", "stride_qn", "stride_qr", "stride_cm", "stride_cn")
+_GEMM_CONSTEXPRS = ("HAS_BIAS", "Z_NF4", "DROPOUT", "FP32_DOT", "NF4_BLOCKSIZE", "NF4_NESTED",
+                    "NF4_NESTED_BLOCKSIZE", "BM", "BN", "BK", "BR", "GROUP_M")
+
+
+def _gemm_signature(z_type: str, nf4_types: tuple[str, str, str, str, str]) -> dict[str, str]:
+    """_gemm_lora's argument types; nf4_types are (code, absmax, absmax2, code2, offset) as
+    :func:`_nf4_args` passes them."""
+    names = ("code_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr")
+    return {"x_ptr": "*{dtype}", "z_ptr": z_type, "l_ptr": "*{dtype}", "q_ptr": "*fp32", "bias_ptr": "*{dtype}",
+            "c_ptr": "*{dtype}", **dict(zip(names, nf4_types, strict=True)), **{k: "i32" for k in _GEMM_INTS},
+            "scaling": "fp32", "dropout_p": "fp32", "seed": "i32", **{k: "constexpr" for k in _GEMM_CONSTEXPRS}}
+
+
+def _gemm_specs(op: str, signature: dict[str, str], configs, dtypes, fp32: bool, **flags) -> list[KernelSpec]:
+    """One spec per (tile config, rank tile BR=32/64, launch variant)."""
     specs = []
-    variants = [(GEMM_CONFIGS, ("fp16", "bf16"), False, False), (DROPOUT_GEMM_CONFIGS, ("fp16", "bf16"), False, True)]
-    if not nf4:  # fp32 compute over an NF4 weight takes the cuBLAS path on CUDA
-        variants.append((FP32_GEMM_CONFIGS, ("fp32",), True, True))
-    for configs, dtypes, fp32, dropout in variants:
-        for bm, bn, bk, w, s in configs:
-            for br in (32, 64):
-                specs.append(KernelSpec(op, _gemm_lora, gemm_sig,
-                                        dict(HAS_BIAS=True, Z_NF4=nf4, DROPOUT=dropout, FP32_DOT=fp32,
-                                             NF4_BLOCKSIZE=64, BM=bm, BN=bn, BK=bk, BR=br, GROUP_M=GROUP_M),
-                                        num_warps=w, num_stages=s, dtypes=dtypes, min_arch=MIN_TRITON_GEMM_ARCH))
+    for (bm, bn, bk, w, s), br, launch in itertools.product(configs, (32, 64), GEMM_LAUNCHES):
+        constexprs = {"NF4_BLOCKSIZE": 64, "NF4_NESTED": False, "NF4_NESTED_BLOCKSIZE": 256, **flags, **launch,
+                      "FP32_DOT": fp32, "BM": bm, "BN": bn, "BK": bk, "BR": br, "GROUP_M": GROUP_M}
+        specs.append(KernelSpec(op, _gemm_lora, signature, constexprs, num_warps=w, num_stages=s, dtypes=dtypes,
+                                min_arch=MIN_TRITON_GEMM_ARCH))
     return specs
+
+
+def _dense_specs(op: str) -> list[KernelSpec]:
+    sig = _gemm_signature("*{dtype}", ("*{dtype}",) * 5)
+    return (_gemm_specs(op, sig, GEMM_CONFIGS, ("fp16", "bf16"), False, Z_NF4=False)
+            + _gemm_specs(op, sig, FP32_GEMM_CONFIGS, ("fp32",), True, Z_NF4=False))
+
+
+def _nf4_specs(op: str) -> list[KernelSpec]:
+    """NF4 (blocksize 64, bitsandbytes' default) runs in fp16/bf16 only: fp32 takes cuBLAS."""
+    plain = _gemm_signature("*u8", ("*fp32",) * 5)
+    nested = _gemm_signature("*u8", ("*fp32", "*u8", "*fp32", "*fp32", "*fp32"))
+    return (_gemm_specs(op, plain, GEMM_CONFIGS, ("fp16", "bf16"), False, Z_NF4=True, NF4_NESTED=False)
+            + _gemm_specs(op, nested, GEMM_CONFIGS, ("fp16", "bf16"), False, Z_NF4=True, NF4_NESTED=True))
 
 
 def _skinny_specs(op: str) -> list[KernelSpec]:
@@ -300,14 +335,15 @@ def _skinny_specs(op: str) -> list[KernelSpec]:
               "scaling": "fp32", "dropout_p": "fp32", "seed": "i32",
               **{k: "constexpr" for k in ("DROPOUT", "FP32_DOT", "BN", "BM", "BR")}}
     specs = []
-    for (dtypes, fp32), br in itertools.product(((("fp16", "bf16"), False), (("fp32",), True)), (32, 64)):
-        specs.append(KernelSpec(op, _skinny_nt, nt_sig, dict(DROPOUT=True, FP32_DOT=fp32, BM=SKINNY_BM,
+    groups = ((("fp16", "bf16"), False), (("fp32",), True))
+    for (dtypes, fp32), br, dropout in itertools.product(groups, (32, 64), (False, True)):
+        specs.append(KernelSpec(op, _skinny_nt, nt_sig, dict(DROPOUT=dropout, FP32_DOT=fp32, BM=SKINNY_BM,
                                                               BK=SKINNY_BK, BR=br), num_warps=SKINNY_WARPS,
                                 dtypes=dtypes))
-        specs.append(KernelSpec(op, _skinny_tn, tn_sig, dict(DROPOUT=True, FP32_DOT=fp32, BN=SKINNY_BK,
+        specs.append(KernelSpec(op, _skinny_tn, tn_sig, dict(DROPOUT=dropout, FP32_DOT=fp32, BN=SKINNY_BK,
                                                               BM=SKINNY_BM, BR=br), num_warps=SKINNY_WARPS,
                                 dtypes=dtypes))
     return specs
 
 
-register(*_specs("lora_linear", "*{dtype}", nf4=False), *_skinny_specs("lora_linear"))
+register(*_dense_specs("lora_linear"), *_skinny_specs("lora_linear"))

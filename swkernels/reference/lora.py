@@ -31,3 +31,12 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
     values = code.float()[nibbles[:n]]
     scales = absmax.float().repeat_interleave(blocksize)[:n]
     return (values * scales).reshape(shape)
+
+
+def nf4_absmax(qabsmax: torch.Tensor, code2: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor,
+               blocksize2: int = 256) -> torch.Tensor:
+    """Undo bitsandbytes' double quantisation of the NF4 scales: absmax[b] = code2[q[b]] ·
+    absmax2[b // blocksize2] + offset (fp32; q uint8, code2 the 256-entry dynamic map)."""
+    q = qabsmax.reshape(-1).long()
+    scales = absmax2.float().repeat_interleave(blocksize2)[: q.numel()]
+    return code2.float()[q] * scales + offset.float().reshape(-1)[0]
