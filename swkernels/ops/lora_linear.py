@@ -34,9 +34,15 @@ from swkernels.registry import KernelSpec, register
 # (BM, BN, BK, warps, stages), checked spill-free and within ~99 KB of shared memory on sm_80+
 # by the health check. Triton lowers tl.dot to FMA (no tensor cores) below sm_80, so T4-class
 # GPUs take the cuBLAS path (see use_cublas) and no GEMM config is registered for sm_75.
-# 128-row tiles spill on sm_86 once the BR=64 epilogue tiles are live; 8 warps keep 64-row ones clean.
+# 128-row tiles spill on sm_86 once the epilogue tiles are live; 8 warps keep 64-row ones clean.
 GEMM_CONFIGS = [(64, 128, 32, 8, 3), (64, 64, 32, 8, 3)]
+# NF4: every gathered operand of the dequantisation (bytes, scales, and for double quant the
+# 8-bit scales and their second-level scales) is pipelined through shared memory, so the wide
+# tile takes two stages (three need 108 KB with double quant, over sm_86/89's 99 KB)
+NF4_GEMM_CONFIGS = [(64, 128, 32, 8, 2), (64, 64, 32, 8, 3)]
 FP32_GEMM_CONFIGS = [(32, 64, 32, 8, 2)]  # fp32 tiles are twice the bytes (dense weights only)
+# the GEMM epilogue's rank tile: ranks loop in chunks of 32 (the low-rank term is ~r/K of the work)
+GEMM_BR = 32
 INTERPRETER_GEMM = (32, 32, 32, 4, 1)
 SKINNY_BM, SKINNY_BK, SKINNY_WARPS = 32, 32, 8  # one BM×BR output tile per program; spill-free sm_75..90
 MIN_TRITON_GEMM_ARCH = 80
@@ -44,8 +50,8 @@ GROUP_M = 8
 
 
 def block_r(r: int) -> int:
-    """Rank tile: a power of two in [32, 64] (larger ranks loop). 16 would do for tl.dot, but
-    ptxas then caps registers at 128 for the 64×128 tile on sm_86/89 and spills."""
+    """The skinny kernels' rank tile: a power of two in [32, 64] (larger ranks take more programs).
+    64 lets r = 64 read x once; 16 would do for tl.dot but gains nothing."""
     return max(32, min(64, triton.next_power_of_2(r)))
 
 
@@ -59,16 +65,20 @@ def _gemm_config(x: torch.Tensor) -> tuple[int, int, int, int, int]:
     return None  # autotuned
 
 
-def _autotuned_gemm(fp32: bool):
-    """The autotuned GEMM (one tuner per config list). The key buckets M; tensor dtypes (dense or
-    NF4, nested or not) join the key by themselves, the epilogue flags are named."""
-    if fp32 not in _AUTOTUNED:
-        _AUTOTUNED[fp32] = triton.autotune(
+def _gemm_configs(fp32: bool, nf4: bool) -> list[tuple[int, int, int, int, int]]:
+    return FP32_GEMM_CONFIGS if fp32 else (NF4_GEMM_CONFIGS if nf4 else GEMM_CONFIGS)
+
+
+def _autotuned_gemm(fp32: bool, nf4: bool):
+    """The autotuned GEMM, one tuner per config list. The key buckets M; tensor dtypes (nested
+    NF4 or not) join the key by themselves, the epilogue flags are named."""
+    if (fp32, nf4) not in _AUTOTUNED:
+        _AUTOTUNED[fp32, nf4] = triton.autotune(
             configs=[triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": GROUP_M}, num_warps=w, num_stages=s)
-                     for bm, bn, bk, w, s in (FP32_GEMM_CONFIGS if fp32 else GEMM_CONFIGS)],
+                     for bm, bn, bk, w, s in _gemm_configs(fp32, nf4)],
             key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "DROPOUT"],
         )(_gemm_lora)
-    return _AUTOTUNED[fp32]
+    return _AUTOTUNED[fp32, nf4]
 
 
 _AUTOTUNED: dict = {}
@@ -89,7 +99,7 @@ def launch_gemm(x, z, z_strides, l, q, q_strides, bias, out, scaling: float, dro
     meta = dict(HAS_BIAS=bias is not None, Z_NF4=nf4 is not None, DROPOUT=dropout_p > 0, FP32_DOT=_fp32_dot(x),
                 NF4_BLOCKSIZE=nf4.blocksize if nf4 is not None else 64,
                 NF4_NESTED=nf4 is not None and nf4.nested,
-                NF4_NESTED_BLOCKSIZE=nf4.nested_blocksize if nf4 is not None else 256, BR=block_r(R))
+                NF4_NESTED_BLOCKSIZE=nf4.nested_blocksize if nf4 is not None else 256, BR=GEMM_BR)
     cfg = _gemm_config(x)
     if cfg is not None:
         bm, bn, bk, w, s = cfg
@@ -99,7 +109,7 @@ def launch_gemm(x, z, z_strides, l, q, q_strides, bias, out, scaling: float, dro
         def grid(m):
             return (triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"]),)
 
-        _autotuned_gemm(_fp32_dot(x))[grid](*args, **meta)
+        _autotuned_gemm(_fp32_dot(x), nf4 is not None)[grid](*args, **meta)
     return out
 
 
@@ -302,11 +312,11 @@ def _gemm_signature(z_type: str, nf4_types: tuple[str, str, str, str, str]) -> d
 
 
 def _gemm_specs(op: str, signature: dict[str, str], configs, dtypes, fp32: bool, **flags) -> list[KernelSpec]:
-    """One spec per (tile config, rank tile BR=32/64, launch variant)."""
+    """One spec per (tile config, launch variant)."""
     specs = []
-    for (bm, bn, bk, w, s), br, launch in itertools.product(configs, (32, 64), GEMM_LAUNCHES):
+    for (bm, bn, bk, w, s), launch in itertools.product(configs, GEMM_LAUNCHES):
         constexprs = {"NF4_BLOCKSIZE": 64, "NF4_NESTED": False, "NF4_NESTED_BLOCKSIZE": 256, **flags, **launch,
-                      "FP32_DOT": fp32, "BM": bm, "BN": bn, "BK": bk, "BR": br, "GROUP_M": GROUP_M}
+                      "FP32_DOT": fp32, "BM": bm, "BN": bn, "BK": bk, "BR": GEMM_BR, "GROUP_M": GROUP_M}
         specs.append(KernelSpec(op, _gemm_lora, signature, constexprs, num_warps=w, num_stages=s, dtypes=dtypes,
                                 min_arch=MIN_TRITON_GEMM_ARCH))
     return specs
@@ -322,8 +332,8 @@ def _nf4_specs(op: str) -> list[KernelSpec]:
     """NF4 (blocksize 64, bitsandbytes' default) runs in fp16/bf16 only: fp32 takes cuBLAS."""
     plain = _gemm_signature("*u8", ("*fp32",) * 5)
     nested = _gemm_signature("*u8", ("*fp32", "*u8", "*fp32", "*fp32", "*fp32"))
-    return (_gemm_specs(op, plain, GEMM_CONFIGS, ("fp16", "bf16"), False, Z_NF4=True, NF4_NESTED=False)
-            + _gemm_specs(op, nested, GEMM_CONFIGS, ("fp16", "bf16"), False, Z_NF4=True, NF4_NESTED=True))
+    return (_gemm_specs(op, plain, NF4_GEMM_CONFIGS, ("fp16", "bf16"), False, Z_NF4=True, NF4_NESTED=False)
+            + _gemm_specs(op, nested, NF4_GEMM_CONFIGS, ("fp16", "bf16"), False, Z_NF4=True, NF4_NESTED=True))
 
 
 def _skinny_specs(op: str) -> list[KernelSpec]:

@@ -115,18 +115,6 @@ def test_dropout_gradients_use_the_forward_mask(double_quant, device):
         assert rel_err(got, want) < REL[torch.bfloat16]
 
 
-def test_module_over_linear4bit_and_merge(device):
-    base = bnb.nn.Linear4bit(96, 40, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4", device=device)
-    base.weight = bnb.nn.Params4bit(torch.randn(40, 96, dtype=torch.bfloat16) / 10, requires_grad=False,
-                                    blocksize=64, quant_type="nf4", module=base)._quantize(device)
-    layer = swkernels.nn.LoRALinear.from_linear(base, r=4, lora_alpha=8)
-    assert layer.nf4
-    nn.init.normal_(layer.lora_B.weight, std=0.1)
-    x = torch.randn(6, 96, dtype=torch.bfloat16, device=device)
-    merged = x.float() @ layer.merged_weight().t() + base.bias.float()
-    assert rel_err(layer(x), merged) < 2e-2
-
-
 def test_repacked_or_unquantised_weights_are_refused():
     with pytest.raises(ValueError, match="quant_state"):
         swkernels.nf4_lora_linear(torch.randn(2, 8), nn.Parameter(torch.randn(4, 8)), torch.randn(2, 8),
