@@ -2,14 +2,15 @@
 
 Three kernels cover forward and backward of y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ:
 
-* ``_skinny_nt``: C (M×R) = drop(X) (M×K) · Y (R×K)ᵀ — the rank-r projections S = drop(x)·Aᵀ
-  (forward) and T = dY·B (backward, Y = Bᵀ through strides).
-* ``_gemm_lora``: C (M×N) = X (M×K) · Z (N×K)ᵀ, plus in the epilogue s·(L (M×R) · Q (N×R)ᵀ)
-  (times the dropout keep-mask / (1−p) when asked) plus bias. Forward: Z = W, L = S, Q = B.
-  Backward: dX = dY·W + s·(T·A)⊙mask/(1−p) with Z = Wᵀ, L = T, Q = Aᵀ (strides again). With
+* ``_skinny_nt``: C (M×R) = s · drop(X) (M×K) · Y (R×K)ᵀ — the scaled rank-r projections
+  S = s·drop(x)·Aᵀ (forward) and T = s·dY·B (backward, Y = Bᵀ through strides). Scaling here, on
+  the small tensors, leaves the epilogues and the weight gradients without a multiply.
+* ``_gemm_lora``: C (M×N) = X (M×K) · Z (N×K)ᵀ, plus in the epilogue L (M×R) · Q (N×R)ᵀ (times
+  the dropout keep-mask / (1−p) when asked) plus bias. Forward: Z = W, L = S, Q = B.
+  Backward: dX = dY·W + (T·A)⊙mask/(1−p) with Z = Wᵀ, L = T, Q = Aᵀ (strides again). With
   ``Z_NF4`` the Z tiles are dequantised from bitsandbytes' NF4 bytes inside the K-loop.
-* ``_skinny_tn``: C (N×R) = s · drop(X)ᵀ (N×M) · L (M×R) — dB = s·dYᵀ·S and dA = s·(Tᵀ·drop(x)),
-  the latter stored transposed through C's strides.
+* ``_skinny_tn``: C (N×R) = drop(X)ᵀ (N×M) · L (M×R) — dB = dYᵀ·S and dA = Tᵀ·drop(x), the
+  latter stored transposed through C's strides.
 
 Dropout is Philox counter-based (``tl.rand(seed, m·K + k)``): the forward and both backward
 uses regenerate the same keep-mask from (seed, element index); no mask tensor is stored.
@@ -73,7 +74,7 @@ def _skinny_nt(
     x_ptr, y_ptr, c_ptr,  # X (M, K), Y (R, K), C (M, R)
     M, K, R,
     stride_xm, stride_xk, stride_yr, stride_yk, stride_cm, stride_cr,
-    dropout_p, seed,
+    scaling, dropout_p, seed,
     DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):
@@ -91,7 +92,7 @@ def _skinny_nt(
         y = tl.load(y_ptr + rk[:, None] * stride_yk + rr[None, :] * stride_yr,
                     mask=(rk[:, None] < K) & (rr[None, :] < R), other=0.0)
         acc += _dot(x, y, FP32_DOT)
-    tl.store(c_ptr + rm[:, None] * stride_cm + rr[None, :] * stride_cr, acc.to(c_ptr.dtype.element_ty),
+    tl.store(c_ptr + rm[:, None] * stride_cm + rr[None, :] * stride_cr, (scaling * acc).to(c_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rr[None, :] < R))
 
 
@@ -103,7 +104,7 @@ def _gemm_lora(
     code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     M, N, K, R, M_BUCKET,  # M_BUCKET: power-of-two bucket of M, the autotune key (M itself varies per batch)
     stride_xm, stride_xk, stride_zn, stride_zk, stride_lm, stride_lr, stride_qn, stride_qr, stride_cm, stride_cn,
-    scaling, dropout_p, seed,
+    dropout_p, seed,
     HAS_BIAS: tl.constexpr, Z_NF4: tl.constexpr, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
     NF4_BLOCKSIZE: tl.constexpr, NF4_NESTED: tl.constexpr, NF4_NESTED_BLOCKSIZE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
@@ -144,15 +145,15 @@ def _gemm_lora(
             qt = tl.load(q_ptr + rr[:, None] * stride_qr + rn[None, :] * stride_qn,
                          mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
             lora += _dot(lt, qt, FP32_DOT)
-        acc += scaling * lora * _keep_scale(seed, rm[:, None] * N + rn[None, :], dropout_p)
-    else:  # fold s into the L tile and accumulate straight into acc: no second BM×BN accumulator
+        acc += lora * _keep_scale(seed, rm[:, None] * N + rn[None, :], dropout_p)
+    else:  # accumulate straight into acc: no second BM×BN accumulator
         for r0 in range(0, R, BR):
             rr = r0 + tl.arange(0, BR)
             lt = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr,
                          mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
             qt = tl.load(q_ptr + rr[:, None] * stride_qr + rn[None, :] * stride_qn,
                          mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
-            acc += _dot((lt.to(tl.float32) * scaling).to(lt.dtype), qt, FP32_DOT)
+            acc += _dot(lt, qt, FP32_DOT)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
@@ -164,7 +165,7 @@ def _skinny_tn(
     x_ptr, l_ptr, c_ptr,  # X (M, N), L (M, R), C (N, R)
     M, N, R,
     stride_xm, stride_xn, stride_lm, stride_lr, stride_cn, stride_cr,
-    scaling, dropout_p, seed,
+    dropout_p, seed,
     DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
     BN: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
 ):
@@ -182,5 +183,5 @@ def _skinny_tn(
         lt = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr,
                      mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
         acc += _dot(xt, lt, FP32_DOT)
-    tl.store(c_ptr + rn[:, None] * stride_cn + rr[None, :] * stride_cr, (scaling * acc).to(c_ptr.dtype.element_ty),
+    tl.store(c_ptr + rn[:, None] * stride_cn + rr[None, :] * stride_cr, acc.to(c_ptr.dtype.element_ty),
              mask=(rn[:, None] < N) & (rr[None, :] < R))

@@ -3,17 +3,19 @@
 Shapes: x (M, K) (leading dims flattened), W (N, K), A (r, K), B (N, r), s = alpha/r (or
 alpha/√r for rsLoRA). Kernels in :mod:`swkernels.ops._lora_kernels`.
 
-Forward (two launches): S = drop(x)·Aᵀ (M×r, computed once, saved for backward); then the base
-GEMM whose epilogue adds s·S·Bᵀ and the bias, so the full-size output is written once and never
-read back.
+Forward (two launches): S = s·drop(x)·Aᵀ (M×r, computed once, saved for backward; the scaling
+is applied to this small tensor, once); then the base GEMM whose epilogue adds S·Bᵀ and the
+bias, so the full-size output is written once and never read back. Computing S inside every
+N-tile instead would redo r·K work per tile; precomputing it costs one M×r write and read.
 
 Backward, with upstream gradient G = ∂L/∂y (M×N). Write D = drop(x) = x ⊙ m/(1−p), m the
-keep-mask. Then y = x·Wᵀ + s·D·Aᵀ·Bᵀ, so
-    ∂L/∂B = s·Gᵀ·(D·Aᵀ) = s·Gᵀ·S                     (N×r)
-    ∂L/∂A = s·(G·B)ᵀ·D = s·Tᵀ·D,  T := G·B           (r×K)
-    ∂L/∂x = G·W + s·(T·A) ⊙ m/(1−p)                  (M×K)
+keep-mask. Then y = x·Wᵀ + s·D·Aᵀ·Bᵀ and, elementwise, ∂y[i,n]/∂A[r,k] = s·B[n,r]·D[i,k], so
+    ∂L/∂B = s·Gᵀ·(D·Aᵀ) = Gᵀ·S                       (N×r)
+    ∂L/∂A = s·(G·B)ᵀ·D = Tᵀ·D,   T := s·G·B          (r×K)
+    ∂L/∂x = G·W + s·(G·B·A) ⊙ m/(1−p) = G·W + (T·A) ⊙ m/(1−p)     (M×K; D depends on x through
+                                                     x ⊙ m/(1−p), hence the mask on the term)
     ∂L/∂bias = Σ_rows G;  W is frozen: no ∂L/∂W.
-Three launches: T = G·B (skinny), dX = G·W with the low-rank term s·T·A (and the regenerated
+Four launches: T = s·G·B (skinny), dX = G·W with the low-rank term T·A (and the regenerated
 dropout mask) in the epilogue, and dA, dB (two skinny reductions over M). The mask is never
 stored: Philox regenerates it from (seed, element index).
 """
@@ -84,9 +86,9 @@ def _autotuned_gemm(fp32: bool, nf4: bool):
 _AUTOTUNED: dict = {}
 
 
-def launch_gemm(x, z, z_strides, l, q, q_strides, bias, out, scaling: float, dropout_p: float, seed: int,
+def launch_gemm(x, z, z_strides, l, q, q_strides, bias, out, dropout_p: float, seed: int,
                 nf4: NF4Weight | None = None) -> torch.Tensor:
-    """out (M×N) = x·Zᵀ + s·(L·Qᵀ)[⊙ dropout] + bias. Z is (N×K) through ``z_strides`` (element
+    """out (M×N) = x·Zᵀ + (L·Qᵀ)[⊙ dropout] + bias. Z is (N×K) through ``z_strides`` (element
     strides; for NF4, ``z`` is the packed bytes and the strides index W's flattened elements);
     Q is (N×R) through ``q_strides``."""
     M, K = x.shape
@@ -95,7 +97,7 @@ def launch_gemm(x, z, z_strides, l, q, q_strides, bias, out, scaling: float, dro
             M, N, K, R, triton.next_power_of_2(M),
             x.stride(0), x.stride(1), z_strides[0], z_strides[1], l.stride(0), l.stride(1),
             q_strides[0], q_strides[1], out.stride(0), out.stride(1),
-            float(scaling), float(dropout_p), int(seed))
+            float(dropout_p), int(seed))
     meta = dict(HAS_BIAS=bias is not None, Z_NF4=nf4 is not None, DROPOUT=dropout_p > 0, FP32_DOT=_fp32_dot(x),
                 NF4_BLOCKSIZE=nf4.blocksize if nf4 is not None else 64,
                 NF4_NESTED=nf4 is not None and nf4.nested,
@@ -123,40 +125,42 @@ def _nf4_args(x: torch.Tensor, nf4: NF4Weight | None) -> tuple[torch.Tensor, ...
     return nf4.code, nf4.absmax, nf4.absmax, nf4.absmax, nf4.absmax
 
 
-def launch_skinny_nt(x, y_strides, y, R: int, out, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """out (M×R) = drop(x) (M×K) · Y (R×K)ᵀ, Y read through ``y_strides`` = (stride_r, stride_k)."""
+def launch_skinny_nt(x, y_strides, y, R: int, out, scaling: float, dropout_p: float = 0.0,
+                     seed: int = 0) -> torch.Tensor:
+    """out (M×R) = s · drop(x) (M×K) · Y (R×K)ᵀ, Y read through ``y_strides`` = (stride_r, stride_k)."""
     M, K = x.shape
     br = block_r(R)
     grid = (triton.cdiv(M, SKINNY_BM), triton.cdiv(R, br))
     _skinny_nt[grid](x, y, out, M, K, R, x.stride(0), x.stride(1), y_strides[0], y_strides[1],
-                     out.stride(0), out.stride(1), float(dropout_p), int(seed),
+                     out.stride(0), out.stride(1), float(scaling), float(dropout_p), int(seed),
                      DROPOUT=dropout_p > 0, FP32_DOT=_fp32_dot(x), BM=SKINNY_BM, BK=SKINNY_BK, BR=br,
                      num_warps=SKINNY_WARPS)
     return out
 
 
-def launch_skinny_tn(x, l, out, out_strides, scaling: float, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """out (N×R, through ``out_strides``) = s · drop(x)ᵀ (N×M) · L (M×R)."""
+def launch_skinny_tn(x, l, out, out_strides, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """out (N×R, through ``out_strides``) = drop(x)ᵀ (N×M) · L (M×R)."""
     M, N = x.shape
     R = l.shape[1]
     br = block_r(R)
     grid = (triton.cdiv(N, SKINNY_BK), triton.cdiv(R, br))
     _skinny_tn[grid](x, l, out, M, N, R, x.stride(0), x.stride(1), l.stride(0), l.stride(1),
-                     out_strides[0], out_strides[1], float(scaling), float(dropout_p), int(seed),
+                     out_strides[0], out_strides[1], float(dropout_p), int(seed),
                      DROPOUT=dropout_p > 0, FP32_DOT=_fp32_dot(x), BN=SKINNY_BK, BM=SKINNY_BM, BR=br,
                      num_warps=SKINNY_WARPS)
     return out
 
 
 def lora_backward_low_rank(dy, x, a, b, s, scaling, dropout_p, seed):
-    """T = G·B, dA = s·Tᵀ·drop(x) (r×K, written transposed), dB = s·Gᵀ·S. Returns (T, dA, dB)."""
+    """T = s·G·B, dA = Tᵀ·drop(x) (r×K, written transposed), dB = Gᵀ·S (S already holds s).
+    Returns (T, dA, dB)."""
     M = x.shape[0]
     R = a.shape[0]
-    t = launch_skinny_nt(dy, (b.stride(1), b.stride(0)), b, R, dy.new_empty(M, R))
+    t = launch_skinny_nt(dy, (b.stride(1), b.stride(0)), b, R, dy.new_empty(M, R), scaling)
     da = torch.empty_like(a)
-    launch_skinny_tn(x, t, da, (da.stride(1), da.stride(0)), scaling, dropout_p, seed)
+    launch_skinny_tn(x, t, da, (da.stride(1), da.stride(0)), dropout_p, seed)
     db = torch.empty_like(b)
-    launch_skinny_tn(dy, s, db, (db.stride(0), db.stride(1)), scaling)
+    launch_skinny_tn(dy, s, db, (db.stride(0), db.stride(1)))
     return t, da, db
 
 
@@ -166,9 +170,9 @@ def lora_backward_low_rank(dy, x, a, b, s, scaling, dropout_p, seed):
 def lora_linear_fwd(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
                     scaling: float, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     M, N, R = x.shape[0], w.shape[0], a.shape[0]
-    s = launch_skinny_nt(x, (a.stride(0), a.stride(1)), a, R, x.new_empty(M, R), dropout_p, seed)
+    s = launch_skinny_nt(x, (a.stride(0), a.stride(1)), a, R, x.new_empty(M, R), scaling, dropout_p, seed)
     y = x.new_empty(M, N)
-    launch_gemm(x, w, (w.stride(0), w.stride(1)), s, b, (b.stride(0), b.stride(1)), bias, y, scaling, 0.0, seed)
+    launch_gemm(x, w, (w.stride(0), w.stride(1)), s, b, (b.stride(0), b.stride(1)), bias, y, 0.0, seed)
     return y, s
 
 
@@ -184,8 +188,7 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, a: torch
     t, da, db = lora_backward_low_rank(dy, x, a, b, s, scaling, dropout_p, seed)
     dx = x.new_empty(x.shape)
     # dX = G·W: Z = Wᵀ (K×N) read through W's strides swapped; Q = Aᵀ (K×r)
-    launch_gemm(dy, w, (w.stride(1), w.stride(0)), t, a, (a.stride(1), a.stride(0)), None, dx, scaling,
-                dropout_p, seed)
+    launch_gemm(dy, w, (w.stride(1), w.stride(0)), t, a, (a.stride(1), a.stride(0)), None, dx, dropout_p, seed)
     return dx, da, db
 
 
@@ -308,7 +311,7 @@ def _gemm_signature(z_type: str, nf4_types: tuple[str, str, str, str, str]) -> d
     names = ("code_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr")
     return {"x_ptr": "*{dtype}", "z_ptr": z_type, "l_ptr": "*{dtype}", "q_ptr": "*fp32", "bias_ptr": "*{dtype}",
             "c_ptr": "*{dtype}", **dict(zip(names, nf4_types, strict=True)), **{k: "i32" for k in _GEMM_INTS},
-            "scaling": "fp32", "dropout_p": "fp32", "seed": "i32", **{k: "constexpr" for k in _GEMM_CONSTEXPRS}}
+            "dropout_p": "fp32", "seed": "i32", **{k: "constexpr" for k in _GEMM_CONSTEXPRS}}
 
 
 def _gemm_specs(op: str, signature: dict[str, str], configs, dtypes, fp32: bool, **flags) -> list[KernelSpec]:
@@ -339,10 +342,10 @@ def _nf4_specs(op: str) -> list[KernelSpec]:
 def _skinny_specs(op: str) -> list[KernelSpec]:
     ints = ("M", "K", "R", "stride_xm", "stride_xk", "stride_yr", "stride_yk", "stride_cm", "stride_cr")
     nt_sig = {"x_ptr": "*{dtype}", "y_ptr": "*fp32", "c_ptr": "*{dtype}", **{k: "i32" for k in ints},
-              "dropout_p": "fp32", "seed": "i32", **{k: "constexpr" for k in ("DROPOUT", "FP32_DOT", "BM", "BK", "BR")}}
+              "scaling": "fp32", "dropout_p": "fp32", "seed": "i32", **{k: "constexpr" for k in ("DROPOUT", "FP32_DOT", "BM", "BK", "BR")}}
     ints = ("M", "N", "R", "stride_xm", "stride_xn", "stride_lm", "stride_lr", "stride_cn", "stride_cr")
     tn_sig = {"x_ptr": "*{dtype}", "l_ptr": "*{dtype}", "c_ptr": "*fp32", **{k: "i32" for k in ints},
-              "scaling": "fp32", "dropout_p": "fp32", "seed": "i32",
+              "dropout_p": "fp32", "seed": "i32",
               **{k: "constexpr" for k in ("DROPOUT", "FP32_DOT", "BN", "BM", "BR")}}
     specs = []
     groups = ((("fp16", "bf16"), False), (("fp32",), True))

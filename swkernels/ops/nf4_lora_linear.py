@@ -8,8 +8,8 @@ decoded per element in the kernel. Nothing of W's size is ever materialised, not
 scales (N·K/16 bytes); the backward saves only what the weight already holds. Blocks may
 straddle rows when K % 64 ≠ 0: the kernel indexes W by flat element, so that is handled.
 
-Gradients are those of :mod:`swkernels.ops.lora_linear` (W frozen):
-    ∂L/∂x = G·W + s·(G·B)·A ⊙ m/(1−p),  ∂L/∂A = s·(G·B)ᵀ·drop(x),  ∂L/∂B = s·Gᵀ·S.
+Gradients are those of :mod:`swkernels.ops.lora_linear` (W frozen; S = s·drop(x)·Aᵀ, T = s·G·B):
+    ∂L/∂x = G·W + (T·A) ⊙ m/(1−p),  ∂L/∂A = Tᵀ·drop(x),  ∂L/∂B = Gᵀ·S.
 The dX GEMM reads the same NF4 bytes through transposed element strides: element (k, n) of
 Wᵀ is W's flat element n·K + k.
 """
@@ -49,10 +49,10 @@ def nf4_lora_linear_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Ten
                         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     M, K, R = x.shape[0], x.shape[1], a.shape[0]
     w = _weight(packed, absmax, code, absmax2, code2, offset, out_features, blocksize, nested_blocksize, K)
-    s = launch_skinny_nt(x, (a.stride(0), a.stride(1)), a, R, x.new_empty(M, R), dropout_p, seed)
+    s = launch_skinny_nt(x, (a.stride(0), a.stride(1)), a, R, x.new_empty(M, R), scaling, dropout_p, seed)
     y = x.new_empty(M, out_features)
     # Z = W: element (n, k) is flat element n·K + k
-    launch_gemm(x, packed, (K, 1), s, b, (b.stride(0), b.stride(1)), bias, y, scaling, 0.0, seed, nf4=w)
+    launch_gemm(x, packed, (K, 1), s, b, (b.stride(0), b.stride(1)), bias, y, 0.0, seed, nf4=w)
     return y, s
 
 
@@ -73,7 +73,7 @@ def nf4_lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, packed: torch.Tensor,
     t, da, db = lora_backward_low_rank(dy, x, a, b, s, scaling, dropout_p, seed)
     dx = x.new_empty(x.shape)
     # dX = G·W: Z = Wᵀ (K×N), element (k, n) is W's flat element n·K + k: strides (1, K)
-    launch_gemm(dy, packed, (1, K), t, a, (a.stride(1), a.stride(0)), None, dx, scaling, dropout_p, seed, nf4=w)
+    launch_gemm(dy, packed, (1, K), t, a, (a.stride(1), a.stride(0)), None, dx, dropout_p, seed, nf4=w)
     return dx, da, db
 
 

@@ -10,14 +10,18 @@ def lora_linear(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tens
                 bias: torch.Tensor | None = None, dropout_p: float = 0.0,
                 keep_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ + bias in fp32, cast to x's dtype. ``keep_scale`` (mask/(1−p))
-    replaces random dropout when given, to reproduce a kernel's exact mask."""
+    replaces random dropout when given, to reproduce a kernel's exact mask.
+
+    As the fused kernel does, the low-rank term is accumulated into the base output in place
+    (``addmm_``) instead of as a second full-size tensor: one M×N buffer, not three as in
+    ``base(x) + lora_B(lora_A(x)) * s``; autograd differentiates it the same way."""
     x32 = x.float()
     if keep_scale is not None:
         d = x32 * keep_scale
     else:
         d = F.dropout(x32, dropout_p, training=dropout_p > 0)
     y = F.linear(x32, w.float(), None if bias is None else bias.float())
-    y = y + scaling * F.linear(F.linear(d, a.float()), b.float())
+    y.addmm_(F.linear(d, a.float()), b.float().t(), alpha=scaling)
     return y.to(x.dtype)
 
 

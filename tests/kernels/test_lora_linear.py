@@ -15,8 +15,10 @@ from tests.utils import DTYPES
 # relative Frobenius error allowed per compute dtype (GEMM outputs summed over K terms)
 REL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
-# (leading dims, in, out, rank, bias): odd sizes, not multiples of any tile; rank > 64 loops
-SHAPES = [((5,), 16, 24, 1, False), ((3, 41), 67, 89, 8, True), ((2, 7), 130, 33, 70, True)]
+# (leading dims, in, out, rank, bias): odd sizes, not multiples of any tile; ranks 1 to 256
+# (above 32 the epilogue loops over rank chunks)
+SHAPES = [((5,), 16, 24, 1, False), ((3, 41), 67, 89, 8, True), ((2, 7), 130, 33, 70, True),
+          ((2, 5), 40, 24, 256, True)]
 
 
 def rel_err(a, b):
@@ -50,6 +52,19 @@ def test_forward_and_grads_match_reference(shape, dtype, device):
         assert got.dtype == want.dtype, name
         assert rel_err(got, want) < REL[dtype], name
     assert a.dtype == torch.float32 and grads[1].dtype == torch.float32  # fp32 adapter grads
+
+
+def test_large_odd_shape_in_bf16(device):
+    """(3, 41, 401) → 1271: many tiles in every direction, none full (bf16, the training dtype)."""
+    x, w, a, b, bias = make((3, 41), 401, 1271, 16, True, torch.bfloat16, device)
+    y = swkernels.lora_linear(x, w, a, b, 2.0, bias)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, b, bias), g)
+    ref = reference.lora_linear(x.reshape(-1, 401), w, a, b, 2.0, bias).reshape(y.shape)
+    ref_grads = torch.autograd.grad(ref, (x, a, b, bias), g)
+    assert rel_err(y, ref) < REL[torch.bfloat16]
+    for name, got, want in zip(["dx", "dA", "dB", "dbias"], grads, ref_grads, strict=True):
+        assert rel_err(got, want) < REL[torch.bfloat16], name
 
 
 def _peft_layer(k, n, r, alpha, rslora, bias, a, b, w, bb):
