@@ -9,7 +9,7 @@ import typer
 
 from swengine.errors import UserError
 
-PLANNED = "train, eval, merge, rollback, report"
+PLANNED = "eval, rollback, report"
 
 app = typer.Typer(
     name="swengine",
@@ -65,6 +65,36 @@ def plan(
     typer.echo(json.dumps(to_dict(result), indent=2) if as_json else render(result))
     if not result.fits:
         raise typer.Exit(1)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def train(
+    args: list[str] = typer.Argument(None, help="An optional YAML config, then key=value overrides "
+                                     "(e.g. lora.rank=32 data.train=data.jsonl)."),
+    resume: str = typer.Option(None, "--resume", help="auto (latest checkpoint of output_dir) or a checkpoint path."),
+    auto: bool = typer.Option(False, "--auto", help="Let the VRAM planner pick rank, micro-batch, accumulation "
+                              "and checkpointing for the GPU."),
+    gpu: str = typer.Option(None, "--gpu", help="With --auto: plan for this GPU instead of the detected one."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config (and plan) and stop."),
+) -> None:
+    """Fine-tune with LoRA/QLoRA. With no arguments: the embedded offline demo (tiny model, CPU-friendly)."""
+    from swengine.train.cli import run_train
+
+    run_train(args or [], resume=resume, auto=auto or None, gpu=gpu, dry_run=dry_run)
+
+
+@app.command()
+def merge(
+    run_or_adapter: str = typer.Argument(..., help="A run directory (its adapter/) or an adapter directory."),
+    out: str = typer.Option(..., "--out", help="Where to write the merged model."),
+    base: str = typer.Option(None, "--base", help="Base model path (default: the adapter's base_model_name_or_path)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Weights dtype of the merged model: fp32, bf16 or fp16."),
+) -> None:
+    """Merge a LoRA adapter into its base model and save a model transformers loads directly."""
+    from swengine.train.merge import merge as do_merge
+
+    path = do_merge(run_or_adapter, out, base, dtype)
+    typer.echo(f"merged model written to {path}  (AutoModelForCausalLM.from_pretrained({str(path)!r}))")
 
 
 def main() -> None:

@@ -94,7 +94,7 @@ def select_backend(op: str, t: torch.Tensor) -> str:
         why = "fake tensors" if fake else ("CUDA tensor" if t.is_cuda else "TRITON_INTERPRET=1")
     else:
         chosen, why = "torch", "no CUDA tensor and TRITON_INTERPRET unset" if triton_available() else "triton missing"
-    if (op, chosen) not in _announced:
+    if (op, chosen) not in _announced and not torch.compiler.is_compiling():  # logging breaks fullgraph tracing
         _announced.add((op, chosen))
         log.info("swkernels.%s runs on the %s backend (%s)", op, chosen, why)
     return chosen

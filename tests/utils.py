@@ -22,13 +22,16 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
                                msg=lambda m: f"{name}: {m}" if name else m)
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: str | None = None):
-    """Run ``swengine ARGS`` in a fresh process (the real entry point), returning CompletedProcess."""
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: str | None = None,
+            interpret: bool = False):
+    """Run ``swengine ARGS`` in a fresh process (the real entry point), returning CompletedProcess.
+    As a CPU user runs it: without TRITON_INTERPRET (the torch fallbacks), unless ``interpret``."""
     import os
     import subprocess
     import sys
 
-    full_env = {**os.environ, **(env or {})}
+    full_env = {k: v for k, v in os.environ.items() if interpret or k != "TRITON_INTERPRET"}
+    full_env.update(env or {})
     code = "from swengine.cli import main; main()"
     return subprocess.run([sys.executable, "-c", code, *args], env=full_env, capture_output=True, text=True,
                           timeout=timeout, cwd=cwd)

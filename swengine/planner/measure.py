@@ -71,10 +71,15 @@ def build_training_model(config: PretrainedConfig, setup: Setup, device: str | t
         model.requires_grad_(False)
         if setup.quant != "none":
             if device == "meta":
-                raise NotImplementedError("fake-tensor measurement of NF4 needs lora_impl='swkernels': bitsandbytes' "
-                                          "Params4bit cannot wrap a fake tensor")
+                raise NotImplementedError("fake tensors cannot hold NF4 weights (bitsandbytes' Params4bit cannot wrap "
+                                          "a fake tensor); measure NF4 on real CPU tensors (measure_real_cpu)")
             quantize_nf4_(model, setup.lora_targets, double_quant=setup.quant == "nf4-dq", compute_dtype=dtype)
-        model = apply_peft_lora(model, rank=setup.lora_rank, alpha=2 * setup.lora_rank, targets=setup.lora_targets)
+        if setup.lora_impl == "swkernels":
+            from swengine.model.patch import LoraSpec, patch
+
+            patch(model, LoraSpec(rank=setup.lora_rank, alpha=2 * setup.lora_rank, targets=setup.lora_targets))
+        else:
+            model = apply_peft_lora(model, rank=setup.lora_rank, alpha=2 * setup.lora_rank, targets=setup.lora_targets)
     if setup.checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -109,7 +114,8 @@ def _run_steps(model: nn.Module, setup: Setup, vocab: int, device: str, mem: Liv
     try:
         for step in range(steps):
             tracker.step = step + 1
-            forward_backward(model, batch, autocast_dtype=DTYPES[setup.dtype], on_phase=tracker.on_phase)
+            forward_backward(model, batch, autocast_dtype=DTYPES[setup.dtype], on_phase=tracker.on_phase,
+                             fused_loss=setup.loss == "fused")
             tracker.set("optimizer")
             optimizer_step(optimizer, params, max_grad_norm=1.0)
             gc.collect()
@@ -206,7 +212,11 @@ def measure_real_cpu(config: PretrainedConfig, setup: Setup, steps: int = 2) -> 
     """The same steps on real CPU tensors (small models): the check that fake-mode accounting is exact."""
     start = time.perf_counter()
     model = build_training_model(config, setup, "cpu")
-    with LiveBytes() as mem:
+    from swkernels._backend import interpreting
+
+    # the GPU path's allocations need the kernels (interpreted on CPU); else the torch fallback runs
+    backend = "triton" if setup.lora_impl == "swkernels" and interpreting() else None
+    with swkernels.force_backend(backend), LiveBytes() as mem:
         mem.count(*_resident_tensors(model))
         weights = mem.current
         mem.reset_peak()

@@ -18,16 +18,36 @@ def autocast_context(device_type: str, dtype: torch.dtype | None):
     return torch.autocast(device_type, dtype=dtype)
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over label tokens that are not -100 (transformers' loss)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                position_ids=batch.get("position_ids"), labels=batch["labels"], use_cache=False)
-    return out.loss
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers *ForCausalLM inside a PEFT wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], fused: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy over label tokens that are not -100.
+
+    Unfused: transformers' own loss (logits upcast to fp32: ~14 B × tokens × vocab at its peak).
+    Fused: the decoder's last hidden states go straight into
+    :func:`swkernels.fused_linear_cross_entropy` with the LM head's weight (and Gemma-2's final
+    soft-cap), so the (tokens × vocab) logits are never materialised. Same loss, same shift."""
+    if not fused:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                    position_ids=batch.get("position_ids"), labels=batch["labels"], use_cache=False)
+        return out.loss
+    import swkernels
+
+    lm = _causal_lm(model)
+    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                              position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+    labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # token t predicts t + 1
+    head = lm.get_output_embeddings()
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    return swkernels.fused_linear_cross_entropy(hidden, head.weight, labels, softcap=softcap, bias=head.bias)
 
 
 def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, autocast_dtype: torch.dtype | None,
                      loss_scale: float = 1.0, scaler: torch.amp.GradScaler | None = None,
-                     on_phase=None) -> torch.Tensor:
+                     on_phase=None, fused_loss: bool = False) -> torch.Tensor:
     """Forward and backward of one micro-batch; gradients accumulate into ``.grad``.
 
     ``loss_scale`` is 1/accumulation_steps. Returns the detached, unscaled loss. ``on_phase`` (a
@@ -37,7 +57,7 @@ def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, 
     if on_phase:
         on_phase("forward")
     with autocast_context(device_type, autocast_dtype):
-        loss = causal_lm_loss(model, batch)
+        loss = causal_lm_loss(model, batch, fused_loss)
     if on_phase:
         on_phase("backward")
     scaled = loss * loss_scale

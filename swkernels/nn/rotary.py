@@ -142,12 +142,12 @@ def _agrees(theirs: nn.Module, ours: RotaryEmbedding, device: torch.device) -> b
     return True
 
 
-def replace_rotary(model: nn.Module) -> int:
+def replace_rotary(model: nn.Module, swapped: list | None = None) -> int:
     """Swap every transformers rotary module in ``model`` for a :class:`RotaryEmbedding` built
     from the same config (a module swap; nothing in transformers is reassigned). A module whose
     config we cannot read (an unsupported rope_type) or whose outputs differ from ours on a short
     probe (another convention under the same name) is kept, with a warning. Returns how many
-    were replaced."""
+    were replaced. ``swapped`` (optional) collects (parent, name, original) to undo the swap."""
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -164,5 +164,7 @@ def replace_rotary(model: nn.Module) -> int:
                             type(child).__name__)
                 continue
             setattr(parent, name, ours)
+            if swapped is not None:
+                swapped.append((parent, name, child))
             replaced += 1
     return replaced

@@ -1,0 +1,341 @@
+"""The one typed configuration schema: YAML files, ``key=value`` CLI overrides and
+``specs/config.schema.json`` all derive from these dataclasses.
+
+    cfg = load_config("configs/qlora.yaml", ["lora.rank=32", "optim.lr=1e-4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from swengine.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local HF model directory or hub id; "" = the embedded demo model
+    dtype: Literal["bf16", "fp16", "fp32", "auto"] = "auto"  # auto: bf16 where the GPU has it, else fp16
+    attention: Literal["sdpa", "eager", "flash"] = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    use_rslora: bool = False
+    impl: Literal["swkernels", "peft"] = "swkernels"
+
+
+@dataclass
+class QuantizationConfig:
+    load_in_4bit: bool = False  # QLoRA: NF4 base weights (bitsandbytes)
+    double_quant: bool = True
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # jsonl/json/parquet/txt; "" = the embedded demo dataset
+    eval: str = ""  # "" = split eval_fraction off the training data
+    format: Literal["auto", "text", "alpaca", "prompt_completion", "messages"] = "auto"
+    text_field: str = "text"
+    max_seq_len: int = 512
+    packing: bool = True
+    train_on_prompt: bool = False  # False: loss only on completions / assistant turns
+    eval_fraction: float = 0.05
+    shuffle: bool = True
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    max_steps: int = 100
+    epochs: float = 0.0  # > 0 overrides max_steps
+    micro_batch_size: int = 4
+    grad_accumulation: int = 1
+    warmup_steps: int = 10
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class CheckpointConfig:
+    gradient_checkpointing: bool = False
+    save_every: int = 50  # optimizer steps; 0 = only at the end
+    keep_last: int = 2
+    keep_best: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 5
+    eval_every: int = 25
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class SafetyConfig:
+    enabled: bool = True
+    max_loss_spike: float = 3.0  # × the running mean
+    max_grad_norm_spike: float = 10.0
+    on_trip: Literal["stop", "rollback", "warn"] = "stop"
+
+
+@dataclass
+class ContextConfig:
+    rope_scaling: dict[str, Any] = field(default_factory=dict)  # e.g. {"rope_type": "yarn", "factor": 4.0}
+    phases: list[int] = field(default_factory=list)  # e.g. [4096, 8192, 16384]
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    temperature: float = 1.0
+    alpha: float = 0.5
+    beta: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    fused_loss: bool = True  # chunked linear + cross-entropy (never materialises full logits)
+    auto: bool = False  # ask the planner for rank / batch / accumulation / checkpointing
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- building from dicts
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, key: str):
+    """Check/convert ``value`` to the annotated type ``tp``; strings from the CLI are parsed."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise UserError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, allowed))}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"{key} must be true or false (got {value!r})")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not value.lstrip("-").isdigit()):
+            raise UserError(f"{key} must be an integer (got {value!r})")
+        return int(value)
+    if tp is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{key} must be a number (got {value!r})") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(f"{key} must be a string (got {value!r})")
+        return str(value)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if not value.startswith("[") else json.loads(value)
+        if not isinstance(value, list):
+            raise UserError(f"{key} must be a list (got {value!r})")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise UserError(f"{key} must be a JSON object, e.g. '{{\"rope_type\": \"linear\", \"factor\": 2}}'") from None
+        if not isinstance(value, dict):
+            raise UserError(f"{key} must be a mapping (got {value!r})")
+        return dict(value)
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = _hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _set_path(data: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    cur = data
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+        if not isinstance(cur, dict):
+            raise UserError(f"cannot set {dotted}: {p} is not a section")
+    cur[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["lora.rank=32", "data.packing=false"]`` → nested dict (values typed later by the schema)."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} must look like section.key=value (e.g. lora.rank=32)")
+        key, value = item.split("=", 1)
+        if not key.strip():
+            raise UserError(f"override {item!r} has no key")
+        _set_path(out, key.strip(), value)
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Cross-field checks with messages that say how to fix the value."""
+    if cfg.lora.rank <= 0:
+        raise UserError(f"lora.rank must be > 0 (got {cfg.lora.rank}); typical values are 8-64")
+    if cfg.lora.alpha <= 0:
+        raise UserError(f"lora.alpha must be > 0 (got {cfg.lora.alpha})")
+    if not 0 <= cfg.lora.dropout < 1:
+        raise UserError(f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout})")
+    if cfg.data.max_seq_len < 8:
+        raise UserError(f"data.max_seq_len must be >= 8 (got {cfg.data.max_seq_len})")
+    if not 0 <= cfg.data.eval_fraction < 1:
+        raise UserError(f"data.eval_fraction must be in [0, 1) (got {cfg.data.eval_fraction})")
+    if cfg.optim.lr <= 0:
+        raise UserError(f"optim.lr must be > 0 (got {cfg.optim.lr})")
+    if len(cfg.optim.betas) != 2:
+        raise UserError(f"optim.betas needs two values (got {cfg.optim.betas})")
+    s = cfg.schedule
+    if s.max_steps < 1 and s.epochs <= 0:
+        raise UserError("schedule.max_steps must be >= 1 (or set schedule.epochs)")
+    if s.micro_batch_size < 1 or s.grad_accumulation < 1:
+        raise UserError("schedule.micro_batch_size and schedule.grad_accumulation must be >= 1")
+    if s.warmup_steps < 0:
+        raise UserError(f"schedule.warmup_steps must be >= 0 (got {s.warmup_steps})")
+    if cfg.checkpointing.keep_last < 1:
+        raise UserError(f"checkpointing.keep_last must be >= 1 (got {cfg.checkpointing.keep_last})")
+    if cfg.logging.every < 1:
+        raise UserError(f"logging.every must be >= 1 (got {cfg.logging.every})")
+    return cfg
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults ← YAML file ← ``key=value`` overrides, validated."""
+    data: dict = {}
+    if path:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path} must contain a mapping of config sections")
+    data = _merge(data, parse_overrides(overrides or []))
+    return validate(_build(TrainConfig, data))
+
+
+# ---------------------------------------------------------------- JSON schema
+
+def _schema_for(tp) -> dict:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        hints = _hints(tp)
+        defaults = tp()
+        props = {}
+        for f in fields(tp):
+            sub = _schema_for(hints[f.name])
+            if not dataclasses.is_dataclass(hints[f.name]):
+                sub["default"] = getattr(defaults, f.name)
+            props[f.name] = sub
+        return {"type": "object", "additionalProperties": False, "properties": props}
+    if origin is Literal:
+        return {"enum": list(typing.get_args(tp))}
+    if tp is bool:
+        return {"type": "boolean"}
+    if tp is int:
+        return {"type": "integer"}
+    if tp is float:
+        return {"type": "number"}
+    if tp is str:
+        return {"type": "string"}
+    if origin is list:
+        return {"type": "array", "items": _schema_for(typing.get_args(tp)[0])}
+    if origin is dict:
+        return {"type": "object"}
+    if origin in (typing.Union, types.UnionType):
+        return {"anyOf": [_schema_for(a) for a in typing.get_args(tp)]}
+    raise TypeError(tp)
+
+
+def json_schema() -> dict:
+    schema = _schema_for(TrainConfig)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": "https://swengine.dev/specs/config.schema.json",
+            "title": "swengine training config",
+            "description": "Generated from swengine/config.py (python -m swengine.config > specs/config.schema.json).",
+            **schema}
+
+
+if __name__ == "__main__":
+    print(json.dumps(json_schema(), indent=2))

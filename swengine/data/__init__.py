@@ -1,0 +1,1 @@
+"""Training data: reading files, chat/instruction formats with loss masks, packing, batching."""

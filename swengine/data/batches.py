@@ -1,0 +1,108 @@
+"""Rows of tokens (packed or padded) and a deterministic, resumable batch stream.
+
+Packing concatenates examples into rows of exactly ``seq_len`` tokens; position_ids restart at 0
+for each document (our attention keeps documents apart) and each document's first label is
+masked, so no token is trained to predict across a document boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from swengine.data.formats import IGNORE, Example
+
+
+@dataclass
+class Row:
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+
+
+def truncate(ex: Example, seq_len: int) -> Example:
+    return Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
+
+
+def pack(examples: list[Example], seq_len: int, pad_id: int) -> list[Row]:
+    rows, ids, labels, pos = [], [], [], []
+
+    def flush():
+        if ids:
+            fill = seq_len - len(ids)
+            rows.append(Row(ids + [pad_id] * fill, labels + [IGNORE] * fill, pos + list(range(fill))))
+
+    for ex in examples:
+        ex = truncate(ex, seq_len)
+        if len(ids) + len(ex.input_ids) > seq_len:
+            flush()
+            ids, labels, pos = [], [], []
+        ids += ex.input_ids
+        labels += [IGNORE] + ex.labels[1:]
+        pos += list(range(len(ex.input_ids)))
+    flush()
+    return rows
+
+
+def unpacked(examples: list[Example], seq_len: int) -> list[Row]:
+    rows = []
+    for ex in examples:
+        ex = truncate(ex, seq_len)
+        rows.append(Row(ex.input_ids, ex.labels, list(range(len(ex.input_ids)))))
+    return rows
+
+
+def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row (causal attention never looks right, so no mask is needed)."""
+    n = max(len(r.input_ids) for r in rows)
+    out = {"input_ids": [], "labels": [], "position_ids": []}
+    for r in rows:
+        fill = n - len(r.input_ids)
+        out["input_ids"].append(r.input_ids + [pad_id] * fill)
+        out["labels"].append(r.labels + [IGNORE] * fill)
+        out["position_ids"].append(r.position_ids + list(range(len(r.position_ids), len(r.position_ids) + fill)))
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+class BatchStream:
+    """Micro-batches in a seeded order that is reshuffled every epoch; its position (epoch, index)
+    is part of a checkpoint, so a resumed run sees exactly the batches it would have seen."""
+
+    def __init__(self, rows: list[Row], micro_batch: int, seed: int, pad_id: int, shuffle: bool = True):
+        if not rows:
+            raise ValueError("no training rows")
+        self.rows, self.micro_batch, self.seed, self.pad_id, self.shuffle = rows, micro_batch, seed, pad_id, shuffle
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.rows)))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.rows), generator=g).tolist()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.rows) // self.micro_batch)
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self.index >= len(self._order):
+            self.epoch += 1
+            self.index = 0
+            self._order = self._permutation(self.epoch)
+        picked = [self.rows[i] for i in self._order[self.index:self.index + self.micro_batch]]
+        self.index += self.micro_batch
+        return collate(picked, self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._permutation(self.epoch)
+
+
+def eval_batches(rows: list[Row], micro_batch: int, pad_id: int):
+    for i in range(0, len(rows), micro_batch):
+        yield collate(rows[i:i + micro_batch], pad_id)

@@ -1,0 +1,124 @@
+"""Turn records into token ids and labels, masking everything but what the model should learn.
+
+Formats (``data.format``, or detected from the first record's fields):
+* text: {"text"} — every token is trained.
+* alpaca: {"instruction", "input"?, "output"} — the response is trained.
+* prompt_completion: {"prompt", "completion"} — the completion is trained.
+* messages: {"messages": [{"role", "content"}, ...]} — assistant turns are trained.
+Instruction formats go through the tokenizer's chat template when it has one (alpaca and
+prompt/completion become a user + assistant exchange); otherwise a plain Alpaca-style prompt.
+``train_on_prompt`` trains every token. Masked labels are -100.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from swengine.errors import UserError
+
+IGNORE = -100
+FORMATS = ("text", "alpaca", "prompt_completion", "messages")
+REQUIRED = {"text": ("text",), "alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
+            "messages": ("messages",)}
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+def detect_format(record: dict, requested: str = "auto", text_field: str = "text") -> str:
+    if requested != "auto":
+        if requested not in FORMATS:
+            raise UserError(f"data.format={requested!r} is not valid; choose one of: auto, {', '.join(FORMATS)}")
+        return requested
+    if "messages" in record:
+        return "messages"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    if text_field in record:
+        return "text"
+    raise UserError(f"cannot tell the dataset format from fields {sorted(record)}; expected one of: "
+                    f"'{text_field}' (text), 'instruction'+'output' (alpaca), 'prompt'+'completion', 'messages'")
+
+
+def check_fields(records: list[dict], fmt: str, source: str, text_field: str = "text") -> None:
+    needed = (text_field,) if fmt == "text" else REQUIRED[fmt]
+    for i, r in enumerate(records):
+        missing = [f for f in needed if f not in r]
+        if missing:
+            raise UserError(f"{source}: record {i} has no {', '.join(repr(m) for m in missing)} field "
+                            f"(format {fmt} needs {', '.join(needed)}; it has {', '.join(sorted(r)) or 'none'})")
+
+
+def _has_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _chat_example(tokenizer, messages: list[dict], train_on_prompt: bool) -> Example:
+    """Token ids of the rendered conversation; labels on assistant turns only. Spans come from
+    rendering growing prefixes, so any chat template works (no generation tags needed)."""
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UserError("each message must be an object with 'role' and 'content'")
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    if train_on_prompt:
+        return Example(ids, list(ids))
+    labels = [IGNORE] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=True, add_generation_prompt=True,
+                                               return_dict=False) if i else []
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=False)
+        before = list(before["input_ids"] if isinstance(before, dict) else before)
+        upto = list(upto["input_ids"] if isinstance(upto, dict) else upto)
+        start, end = len(before), len(upto)
+        labels[start:end] = ids[start:end]
+    return Example(ids, labels)
+
+
+def _plain_example(tokenizer, prompt: str, answer: str, train_on_prompt: bool) -> Example:
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = bos + p + a + eos
+    labels = list(ids) if train_on_prompt else [IGNORE] * (len(bos) + len(p)) + a + eos
+    return Example(ids, labels)
+
+
+def to_example(record: dict, fmt: str, tokenizer, *, train_on_prompt: bool = False, text_field: str = "text") -> Example:
+    if fmt == "text":
+        ids = tokenizer(str(record[text_field]), add_special_tokens=False)["input_ids"]
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        ids = bos + ids + eos
+        return Example(ids, list(ids))
+    if fmt == "messages":
+        if not _has_template(tokenizer):
+            raise UserError("messages-format data needs a tokenizer with a chat template")
+        return _chat_example(tokenizer, record["messages"], train_on_prompt)
+    if fmt == "alpaca":
+        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        answer = record["output"]
+    else:
+        user, answer = record["prompt"], record["completion"]
+    if _has_template(tokenizer):
+        return _chat_example(tokenizer, [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+                             train_on_prompt)
+    if fmt == "alpaca":
+        input_block = f"### Input:\n{record['input']}\n\n" if record.get("input") else ""
+        prompt = ALPACA_PROMPT.format(instruction=record["instruction"], input_block=input_block)
+    else:
+        prompt = user
+    return _plain_example(tokenizer, prompt, answer, train_on_prompt)

@@ -1,0 +1,110 @@
+"""Load a causal LM and its tokenizer for training: local directory or hub id, bf16/fp16/fp32 or
+NF4 (QLoRA, via bitsandbytes), our attention entry, and optional RoPE context extension."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from swengine.errors import UserError
+from swengine.model.attention import implementation_for
+from swengine.model.patch import FAMILIES
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+DEMO_MODEL = ASSETS / "demo_model"
+DEMO_TRAIN = ASSETS / "demo_data" / "reverse_train.jsonl"
+DEMO_EVAL = ASSETS / "demo_data" / "reverse_eval.jsonl"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA GPU is available; use device=auto or device=cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on GPUs that have it, fp16 (with loss scaling) on those that don't (T4), fp32 on CPU."""
+    if name != "auto":
+        if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError("this GPU has no bf16; use model.dtype=fp16 (or auto)")
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def model_path(path: str) -> str:
+    """The model argument as a loadable path: "" is the embedded demo model."""
+    if not path:
+        return str(DEMO_MODEL)
+    p = Path(path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"{path} has no config.json; point model.path at a Hugging Face model directory")
+        return str(p)
+    if path.count("/") == 1 and not path.startswith((".", "/", "~")):
+        return path  # a hub id: from_pretrained will fetch it (or say it cannot)
+    raise UserError(f"model path {path} not found; set model.path to a local model directory or a hub id")
+
+
+def load_config(path: str, max_seq_len: int, rope_scaling: dict):
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as exc:
+        raise UserError(f"cannot load the config of {path}: {str(exc).splitlines()[0]}") from None
+    if config.model_type not in FAMILIES:
+        raise UserError(f"unsupported architecture {config.model_type!r} in {path}; supported families: "
+                        f"{', '.join(FAMILIES)}")
+    limit = config.max_position_embeddings
+    if rope_scaling:
+        params = dict(rope_scaling)
+        params.setdefault("rope_type", params.pop("type", None) or "linear")
+        params.setdefault("rope_theta", getattr(config, "rope_parameters", {}).get("rope_theta", 10000.0))
+        if params["rope_type"] in ("yarn", "llama3", "longrope"):
+            params.setdefault("original_max_position_embeddings", limit)
+        config.rope_parameters = params
+        factor = float(params.get("factor", 1.0))
+        config.max_position_embeddings = max(limit, int(math.ceil(limit * factor)), max_seq_len)
+    elif max_seq_len > limit:
+        raise UserError(f"data.max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={limit}; "
+                        "shorten it or extend the context with context.rope_scaling='{\"rope_type\": \"yarn\", "
+                        f"\"factor\": {math.ceil(max_seq_len / limit)}}}'")
+    config.use_cache = False
+    return config
+
+
+def load_tokenizer(path: str):
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the tokenizer of {path}: {str(exc).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, config, dtype: torch.dtype, device: torch.device, attention: str = "sdpa",
+               load_in_4bit: bool = False, double_quant: bool = True, targets: tuple[str, ...] = ("all-linear",)):
+    from swengine.model.patch import resolve_targets
+    from swengine.model.quant import quantize_nf4_
+
+    attn = implementation_for(config, "eager" if attention == "eager" else "sdpa")
+    if attention == "flash":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise UserError("model.attention=flash needs flash-attn: pip install 'swengine[flash]' (CUDA only)") from None
+        attn = "flash_attention_2"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn)
+    except OSError as exc:
+        raise UserError(f"cannot load model weights from {path}: {str(exc).splitlines()[0]}") from None
+    if load_in_4bit:
+        quantize_nf4_(model, resolve_targets(model, targets), double_quant=double_quant, compute_dtype=dtype)
+    return model.to(device)

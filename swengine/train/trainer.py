@@ -1,0 +1,315 @@
+"""The training loop: plain PyTorch, no HF Trainer.
+
+setup (seeds, device, dtype, data, model, patch, optimizer, schedule) → steps of gradient
+accumulation (:mod:`swengine.train.step`) → telemetry every ``logging.every`` steps, eval every
+``logging.eval_every``, atomic checkpoints every ``checkpointing.save_every`` (and on Ctrl-C),
+the final adapter in PEFT format under ``<output_dir>/adapter``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from swengine.config import TrainConfig
+from swengine.data.batches import BatchStream, eval_batches
+from swengine.data.dataset import Prepared, prepare
+from swengine.errors import UserError
+from swengine.model import load as model_load
+from swengine.model.adapter import load_adapter_into, save_adapter
+from swengine.model.patch import LoraSpec, PatchHandle, patch
+from swengine.telemetry import MetricsLogger
+from swengine.train import checkpoint as ckpt
+from swengine.train.optim import build_optimizer
+from swengine.train.schedule import build_scheduler
+from swengine.train.step import autocast_context, causal_lm_loss, forward_backward, optimizer_step
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    adapter_dir: Path
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    first_eval_loss: float | None
+    tokens_per_second: float
+    skill_before: float | None = None
+    skill_after: float | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, log=print):
+        self.cfg, self.resume, self.log = cfg, resume, log
+        self.out = Path(cfg.output_dir)
+
+    # ------------------------------------------------------------------ setup
+    def _data_paths(self) -> tuple[str, str, bool]:
+        d = self.cfg.data
+        if not d.train:
+            if self.cfg.model.path:
+                raise UserError("data.train is empty; set data.train=<file> (the demo dataset goes with the demo model)")
+            return str(model_load.DEMO_TRAIN), d.eval or str(model_load.DEMO_EVAL), True
+        return d.train, d.eval, False
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        self.device = model_load.resolve_device(cfg.device)
+        self.dtype = model_load.resolve_dtype(cfg.model.dtype, self.device)
+        self.model_path = model_load.model_path(cfg.model.path)
+        train_path, eval_path, self.is_demo = self._data_paths()
+        config = model_load.load_config(self.model_path, cfg.data.max_seq_len, cfg.context.rope_scaling)
+        self.tokenizer = model_load.load_tokenizer(self.model_path)
+        self.data: Prepared = prepare(cfg.data, self.tokenizer, train_path, eval_path, cfg.seed)
+        self.model = model_load.load_model(self.model_path, config, self.dtype, self.device, cfg.model.attention,
+                                           cfg.quantization.load_in_4bit, cfg.quantization.double_quant,
+                                           tuple(cfg.lora.targets))
+        self.spec = LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets),
+                             cfg.lora.use_rslora)
+        if cfg.lora.impl == "peft":
+            self._setup_peft()
+        else:
+            self.handle: PatchHandle = patch(self.model, self.spec, rope=True)
+            self.params = self.handle.trainable_parameters()
+        if cfg.checkpointing.gradient_checkpointing:
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.model.train()
+        self.autocast = self.dtype if self.device.type == "cuda" and self.dtype != torch.float32 else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and self.device.type == "cuda" else None
+        o = cfg.optim
+        self.optimizer = build_optimizer(self.params, o.name, lr=o.lr, weight_decay=o.weight_decay,
+                                         betas=tuple(o.betas), eps=o.eps)
+        pad = self.tokenizer.pad_token_id
+        self.stream = BatchStream(self.data.train, cfg.schedule.micro_batch_size, cfg.seed, pad, cfg.data.shuffle)
+        s = cfg.schedule
+        self.total_steps = (math.ceil(s.epochs * self.stream.batches_per_epoch / s.grad_accumulation)
+                            if s.epochs > 0 else s.max_steps)
+        self.scheduler = build_scheduler(self.optimizer, s.scheduler, s.warmup_steps, self.total_steps, s.min_lr_ratio)
+        self.step = 0
+        self.best_eval = math.inf
+        self.best_path: Path | None = None
+
+    def _setup_peft(self) -> None:
+        from swengine.model.lora import apply_peft_lora
+        from swengine.model.patch import resolve_targets
+
+        self.model.requires_grad_(False)
+        targets = resolve_targets(self.model, self.spec.targets)
+        self.model = apply_peft_lora(self.model, rank=self.spec.rank, alpha=self.spec.alpha, targets=targets,
+                                     dropout=self.spec.dropout, use_rslora=self.spec.use_rslora)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.handle = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_adapter(self, directory: Path) -> None:
+        if self.handle is not None:
+            save_adapter(self.handle, self.spec, directory, self.model_path)
+        else:
+            self.model.save_pretrained(str(directory))
+
+    def save_checkpoint(self, kind: str = "periodic") -> Path:
+        final = self.out / "checkpoints" / ckpt.checkpoint_name(self.step)
+
+        def write(tmp: Path) -> None:
+            self._save_adapter(tmp)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            if self.scaler is not None:
+                torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
+            torch.save(ckpt.rng_state(), tmp / "rng.pt")
+            (tmp / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            state = {"step": self.step, "total_steps": self.total_steps, "data": self.stream.state_dict(),
+                     "best_eval": None if math.isinf(self.best_eval) else self.best_eval,
+                     "best_path": str(self.best_path) if self.best_path else None, "kind": kind}
+            (tmp / ckpt.STATE_NAME).write_text(json.dumps(state, indent=2))
+
+        path = ckpt.atomic_dir(final, write)
+        keep = {self.best_path} if (self.best_path and self.cfg.checkpointing.keep_best) else set()
+        ckpt.prune(self.out, self.cfg.checkpointing.keep_last, keep)
+        self.metrics.log("checkpoint", step=self.step, path=str(path), kind=kind)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = ckpt.read_state(path)
+        if self.handle is not None:
+            load_adapter_into(self.handle, path)
+        else:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(self.model, load_file(str(path / "adapter_model.safetensors")))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        if self.scaler is not None and (path / "scaler.pt").is_file():
+            self.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
+        ckpt.set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        self.stream.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        self.best_eval = state["best_eval"] if state["best_eval"] is not None else math.inf
+        self.best_path = Path(state["best_path"]) if state.get("best_path") else None
+
+    def _resume_path(self) -> Path | None:
+        if not self.resume:
+            return None
+        if self.resume == "auto":
+            found = ckpt.list_checkpoints(self.out)
+            return found[-1] if found else None
+        p = Path(self.resume)
+        if not (p / ckpt.STATE_NAME).is_file():
+            raise UserError(f"--resume {self.resume}: not a checkpoint directory (no {ckpt.STATE_NAME})")
+        return p
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if not self.data.eval:
+            return None
+        was = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in eval_batches(self.data.eval, self.cfg.schedule.micro_batch_size, self.tokenizer.pad_token_id):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            with autocast_context(self.device.type, self.autocast):
+                loss = causal_lm_loss(self.model, batch, self.cfg.fused_loss)
+            total += float(loss) * n
+            count += n
+        self.model.train(was)
+        return total / max(count, 1)
+
+    def skill_accuracy(self) -> float | None:
+        """Exact match of greedy answers on the demo's held-out task (the before/after number)."""
+        if not self.is_demo:
+            return None
+        from swengine.data.records import read_records
+        from swengine.demo.skill import exact_match
+
+        rows = read_records(str(model_load.DEMO_EVAL))[:50]
+        return exact_match(self.model, self.tokenizer, rows)
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> RunResult:
+        self.setup()
+        self.out.mkdir(parents=True, exist_ok=True)
+        tb = self.out / "tensorboard" if self.cfg.logging.tensorboard else None
+        self.metrics = MetricsLogger(self.out / "metrics.jsonl", tb)
+        resume_from = self._resume_path()
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+            self.log(f"resumed from {resume_from} at step {self.step}")
+        elif self.resume == "auto":
+            self.log("--resume auto: no checkpoint yet, starting fresh")
+        n_params = sum(p.numel() for p in self.params)
+        self.metrics.log("run_start", step=self.step, model=self.model_path, device=str(self.device),
+                         dtype=str(self.dtype).replace("torch.", ""), trainable_params=n_params,
+                         total_steps=self.total_steps, train_rows=len(self.data.train), eval_rows=len(self.data.eval),
+                         data_format=self.data.format, resumed_from=str(resume_from) if resume_from else None,
+                         config=self.cfg.to_dict())
+        self.log(f"{self.model_path}: {n_params:,} trainable LoRA parameters (rank {self.spec.rank}), "
+                 f"{len(self.data.train)} training rows ({self.data.format}), {self.total_steps} steps on "
+                 f"{self.device} in {str(self.dtype).replace('torch.', '')}")
+        skill_before = self.skill_accuracy() if resume_from is None else None
+        first_eval = self.evaluate() if resume_from is None else None
+        if first_eval is not None:
+            self.metrics.log("eval", step=self.step, eval_loss=first_eval)
+            self.log(f"step {self.step}: eval loss {first_eval:.4f}")
+        status, last_loss, last_eval = "completed", None, first_eval
+        tokens_seen, start = 0, time.perf_counter()
+        window_loss, window_tokens, window_start = [], 0, time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                loss, tokens, norm = self._train_step()
+                self.step += 1
+                tokens_seen += tokens
+                window_loss.append(loss)
+                window_tokens += tokens
+                if self.step % self.cfg.logging.every == 0 or self.step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    last_loss = sum(window_loss) / len(window_loss)
+                    tps = window_tokens / max(elapsed, 1e-9)
+                    peak = peak_memory_bytes(self.device)
+                    self.metrics.log("train", step=self.step, epoch=self.stream.epoch, loss=last_loss,
+                                     lr=self.scheduler.get_last_lr()[0], grad_norm=norm, tokens=window_tokens,
+                                     tokens_per_second=tps, peak_memory_bytes=peak, memory_kind=(
+                                         "cuda_allocated" if self.device.type == "cuda" else "process_rss"))
+                    eta = (self.total_steps - self.step) * elapsed / max(len(window_loss), 1)
+                    self.log(f"step {self.step}/{self.total_steps}  loss {last_loss:.4f}  lr "
+                             f"{self.scheduler.get_last_lr()[0]:.2e}  {tps:,.0f} tok/s  peak "
+                             f"{peak / 2**20:,.0f} MiB  ETA {eta:.0f}s")
+                    window_loss, window_tokens, window_start = [], 0, time.perf_counter()
+                if self.cfg.logging.eval_every and self.step % self.cfg.logging.eval_every == 0:
+                    last_eval = self._eval_and_track()
+                if self.cfg.checkpointing.save_every and self.step % self.cfg.checkpointing.save_every == 0 \
+                        and self.step < self.total_steps:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            status = "interrupted"
+            path = self.save_checkpoint("interrupted")
+            self.log(f"interrupted: checkpoint saved to {path}; continue with --resume auto")
+            self.metrics.log("run_end", step=self.step, status=status, train_loss=last_loss, eval_loss=last_eval)
+            self.metrics.close()
+            raise
+        if self.cfg.logging.eval_every == 0 or self.step % self.cfg.logging.eval_every:
+            last_eval = self._eval_and_track()
+        self.save_checkpoint("final")
+        adapter_dir = self.out / "adapter"
+        ckpt.atomic_dir(adapter_dir, self._save_adapter)
+        skill_after = self.skill_accuracy() if skill_before is not None else None
+        elapsed = time.perf_counter() - start
+        self.metrics.log("run_end", step=self.step, status=status, train_loss=last_loss, eval_loss=last_eval,
+                         skill_before=skill_before, skill_after=skill_after)
+        self.metrics.close()
+        return RunResult(self.out, adapter_dir, self.step, last_loss, last_eval, first_eval,
+                         tokens_seen / max(elapsed, 1e-9), skill_before, skill_after)
+
+    def _eval_and_track(self) -> float | None:
+        loss = self.evaluate()
+        if loss is None:
+            return None
+        self.metrics.log("eval", step=self.step, eval_loss=loss)
+        self.log(f"step {self.step}: eval loss {loss:.4f}")
+        if loss < self.best_eval and self.step < self.total_steps:
+            self.best_eval = loss
+            self.best_path = self.save_checkpoint("best")
+        return loss
+
+    def _train_step(self) -> tuple[float, int, float | None]:
+        accum = self.cfg.schedule.grad_accumulation
+        losses, tokens = [], 0
+        for _ in range(accum):
+            batch = {k: v.to(self.device) for k, v in self.stream.next().items()}
+            tokens += batch["input_ids"].numel()
+            loss = forward_backward(self.model, batch, autocast_dtype=self.autocast, loss_scale=1.0 / accum,
+                                    scaler=self.scaler, fused_loss=self.cfg.fused_loss)
+            losses.append(float(loss))
+        norm = optimizer_step(self.optimizer, self.params, max_grad_norm=self.cfg.optim.max_grad_norm,
+                              scaler=self.scaler)
+        self.scheduler.step()
+        loss = sum(losses) / len(losses)
+        if not math.isfinite(loss) and self.cfg.safety.enabled:
+            raise UserError(f"loss became {loss} at step {self.step + 1}; lower optim.lr or check the data "
+                            "(the last good checkpoint is kept)")
+        return loss, tokens, None if norm is None else float(norm)
+
