@@ -6,7 +6,9 @@ own implementation name (the public ``AttentionInterface.register`` extension po
 model skip mask creation; we then call SDPA with ``is_causal=True`` (flash / memory-efficient
 kernels, O(seq) memory), native GQA (no repeat_kv copies), and handle the two cases that need
 more: packed documents (position_ids restarting at 0: attention stays inside each document) and
-sliding-window layers longer than their window.
+sliding-window layers longer than their window. Packed CUDA batches in fp16/bf16 go to
+flash-attn's varlen kernel when it is installed (one launch for all documents), else to one SDPA
+call per document.
 """
 
 from __future__ import annotations
@@ -38,6 +40,33 @@ def _is_packed(position_ids: torch.Tensor | None, seq_len: int) -> bool:
     return bool((position_ids[:, 1:] == 0).any())
 
 
+def _varlen_for(query: torch.Tensor):
+    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    return _flash_varlen()
+
+
+def _flash_varlen():
+    """flash-attn's varlen entry point, or None when it is not installed."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def _packed_varlen(varlen, query, key, value, lengths: list[list[int]], window, dropout, scaling):
+    """All documents of all rows as one varlen call: tokens flattened, documents delimited by cu_seqlens."""
+    b, hq, s, d = query.shape
+    flat = [n for row in lengths for n in row]
+    cu = torch.zeros(len(flat) + 1, dtype=torch.int32, device=query.device)
+    cu[1:] = torch.cumsum(torch.tensor(flat, dtype=torch.int32, device=query.device), 0)
+    q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
+    out = varlen(q, k, v, cu, cu, max(flat), max(flat), dropout_p=dropout, softmax_scale=scaling, causal=True,
+                 window_size=(window - 1, 0) if window else (-1, -1))
+    return out.view(b, s, hq, d)
+
+
 def _sliding_mask(seq_len: int, window: int, device) -> torch.Tensor:
     i = torch.arange(seq_len, device=device)
     diff = i[:, None] - i[None, :]
@@ -56,6 +85,9 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0
         mask = attention_mask[:, :, :, : key.shape[-2]]
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
                                              enable_gqa=gqa)
+    elif _is_packed(position_ids, s) and (varlen := _varlen_for(query)) is not None:
+        return _packed_varlen(varlen, query, key, value, _document_lengths(position_ids), window, dropout,
+                              scaling), None
     elif _is_packed(position_ids, s):
         out = torch.empty_like(query)
         for row, lengths in enumerate(_document_lengths(position_ids)):
