@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 import swkernels
+from swengine.model.checkpointing import enable_checkpointing
 from swengine.planner.setup import Setup
 from swengine.train.optim import build_optimizer
 from swengine.train.step import forward_backward, optimizer_step
@@ -81,7 +82,7 @@ def build_training_model(config: PretrainedConfig, setup: Setup, device: str | t
         else:
             model = apply_peft_lora(model, rank=setup.lora_rank, alpha=2 * setup.lora_rank, targets=setup.lora_targets)
     if setup.checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     return model
 

@@ -26,6 +26,7 @@ from swengine.data.dataset import Prepared, prepare
 from swengine.errors import UserError
 from swengine.model import load as model_load
 from swengine.model.adapter import load_adapter_into, save_adapter
+from swengine.model.checkpointing import enable_checkpointing
 from swengine.model.patch import LoraSpec, PatchHandle, patch
 from swengine.telemetry import MetricsLogger
 from swengine.train import checkpoint as ckpt
@@ -94,7 +95,7 @@ class Trainer:
             self.handle: PatchHandle = patch(self.model, self.spec, rope=True)
             self.params = self.handle.trainable_parameters()
         if cfg.checkpointing.gradient_checkpointing:
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(self.model)
         self.model.train()
         self.autocast = self.dtype if self.device.type == "cuda" and self.dtype != torch.float32 else None
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and self.device.type == "cuda" else None
