@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass
 
@@ -60,6 +61,23 @@ def detect_gpus() -> NvmlReport:
             pass
 
 
+def visible_gpus(gpus: tuple[DetectedGPU, ...], env: str | None = None) -> tuple[DetectedGPU, ...]:
+    """The GPUs this process can use: NVML lists every GPU of the machine, CUDA only those named
+    by CUDA_VISIBLE_DEVICES (unset: all; empty or -1: none; indices: those, in that order).
+    Entries that are not indices (GPU UUIDs) cannot be matched to NVML's list here: all are kept."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES") if env is None else env
+    if env is None:
+        return gpus
+    picked = []
+    for item in (x.strip() for x in env.split(",")):
+        if not item.lstrip("-").isdigit():
+            return gpus if item else tuple(picked)
+        if int(item) < 0:
+            break  # CUDA stops at the first invalid index
+        picked += [g for g in gpus if g.index == int(item)]
+    return tuple(picked)
+
+
 @dataclass(frozen=True)
 class GPUProfile:
     """Published figures for one GPU model (dense, no sparsity).
@@ -112,6 +130,7 @@ GPU_PROFILES: dict[str, GPUProfile] = {p.key: p for p in (
     _p("a100-40g", "NVIDIA A100 40GB", 40, "8.0", 312.0, 19.5, 1555, "NVIDIA A100-SXM4-40GB", "NVIDIA A100-PCIE-40GB"),
     _p("a100-80g", "NVIDIA A100 80GB", 80, "8.0", 312.0, 19.5, 2039, "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"),
     _p("h100", "NVIDIA H100 80GB HBM3 (SXM)", 80, "9.0", 989.0, 67.0, 3350, "NVIDIA H100 80GB HBM3"),
+    _p("h200", "NVIDIA H200 (SXM)", 141, "9.0", 989.0, 67.0, 4800, "NVIDIA H200"),
     _p("h100-pcie", "NVIDIA H100 PCIe", 80, "9.0", 756.0, 51.0, 2000, "NVIDIA H100 PCIe"),
 )}
 

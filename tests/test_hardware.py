@@ -1,6 +1,6 @@
 import pytest
 
-from swengine.hardware import GPU_PROFILES, detect_gpus, profile_for
+from swengine.hardware import GPU_PROFILES, DetectedGPU, detect_gpus, profile_for, visible_gpus
 
 REQUIRED = ["t4", "rtx-3060", "rtx-3070", "rtx-3080", "rtx-3090", "rtx-4060", "rtx-4060-ti", "rtx-4070",
             "rtx-4070-ti", "rtx-4080", "rtx-4090", "a10g", "l4", "a100-40g", "a100-80g", "h100"]
@@ -24,6 +24,7 @@ def test_profile_table_is_complete_and_sane():
     ("Tesla T4", 15, "t4"),
     ("NVIDIA A100-SXM4-80GB", 80, "a100-80g"),
     ("NVIDIA H100 80GB HBM3", 80, "h100"),
+    ("NVIDIA H200", 140, "h200"),  # as torch and NVML named the leased GPU (2026-11-29)
     ("rtx-3090", None, "rtx-3090"),
 ])
 def test_device_names_map_to_profiles(name, vram_gib, key):
@@ -38,3 +39,14 @@ def test_unknown_gpu_is_none():
 def test_detect_never_raises():
     report = detect_gpus()
     assert report.available or report.error
+
+
+@pytest.mark.parametrize("env,want", [(None, [0, 1, 2]), ("", []), ("-1", []), ("2,0", [2, 0]), ("1,-1,2", [1]),
+                                      ("GPU-8a1c", [0, 1, 2])])
+def test_cuda_visible_devices_picks_what_the_process_can_use(env, want, monkeypatch):
+    gpus = tuple(DetectedGPU(i, f"gpu{i}", 2**33, 2**33, "8.9", True) for i in range(3))
+    if env is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
+    assert [g.index for g in visible_gpus(gpus)] == want
