@@ -33,3 +33,15 @@ def device() -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_runtest_logreport(report):
+    """SWENGINE_TEST_LOG=path: one line per test outcome, failures with their traceback, written
+    as they happen (a run cut off by a time limit, e.g. on a leased GPU, still tells what failed)."""
+    path = os.environ.get("SWENGINE_TEST_LOG")
+    if not path or os.environ.get("PYTEST_XDIST_WORKER") or (report.when != "call" and report.passed):
+        return
+    with open(path, "a") as f:
+        f.write(f"{report.outcome.upper()} {report.when} {report.nodeid} {report.duration:.2f}s\n")
+        if report.failed:
+            f.write(str(report.longrepr)[-4000:] + "\n----\n")

@@ -18,7 +18,7 @@ def test_check_flags_only_regressions_beyond_tolerance():
 
 
 def _bench(json_path, env_extra):
-    env = {**os.environ, **env_extra}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **env_extra}  # the gate compares CPU ratios
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "pytest", "bench/test_silu_mul.py", "-q", "-p", "no:cacheprovider",
            "-k", "fwd and not bwd and (swkernels-torch or torch-eager)", f"--benchmark-json={json_path}"]

@@ -169,6 +169,6 @@ def test_over_a_bitsandbytes_nf4_layer_merges_and_runs_fake(device):
     merged = x.float() @ layer.merged_weight().t() + base.bias.float()
     assert rel_err(layer(x), merged) < 2e-2
     with FakeTensorMode(allow_non_fake_inputs=True), swkernels.force_backend("triton"):
-        y = layer(torch.randn(2, 5, 96, dtype=torch.bfloat16, requires_grad=True))
+        y = layer(torch.randn(2, 5, 96, dtype=torch.bfloat16, device=device, requires_grad=True))
         y.sum().backward()
     assert y.shape == (2, 5, 40)

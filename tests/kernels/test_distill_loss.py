@@ -73,20 +73,22 @@ def test_bad_inputs_say_how_to_fix():
         swkernels.distill_loss(torch.randn(2, 10), torch.randn(2, 10), kind="kl")
 
 
-def test_custom_op_registration_is_consistent():
-    s, t = torch.randn(4, 33, requires_grad=True), torch.randn(4, 33)
-    torch.library.opcheck(distill_loss_fwd, (s, t, torch.ones(4, dtype=torch.int8), 2, 1.5, 0.4, True))
+def test_custom_op_registration_is_consistent(device):
+    with torch.device(device):  # the GPU when present: its kernels, its allocations
+        s, t = torch.randn(4, 33, requires_grad=True), torch.randn(4, 33)
+        torch.library.opcheck(distill_loss_fwd, (s, t, torch.ones(4, dtype=torch.int8), 2, 1.5, 0.4, True))
 
 
-def test_fake_impl_allocates_what_the_kernel_allocates():
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def test_fake_impl_allocates_what_the_kernel_allocates(device):
+    with torch.device(device):  # the GPU when present: its kernels, its allocations
+        from torch._subclasses.fake_tensor import FakeTensorMode
 
-    def step():
-        s = torch.randn(16, 500, dtype=torch.bfloat16, requires_grad=True)
-        swkernels.distill_loss(s, torch.randn(16, 500, dtype=torch.bfloat16), "jsd").backward()
+        def step():
+            s = torch.randn(16, 500, dtype=torch.bfloat16, requires_grad=True)
+            swkernels.distill_loss(s, torch.randn(16, 500, dtype=torch.bfloat16), "jsd").backward()
 
-    with swkernels.force_backend("triton"), LiveBytes() as real, collect_each_op():
-        step()
-    with FakeTensorMode(), swkernels.force_backend("triton"), LiveBytes() as fake:
-        step()
-    assert fake.peak == real.peak > 0
+        with swkernels.force_backend("triton"), LiveBytes() as real, collect_each_op():
+            step()
+        with FakeTensorMode(), swkernels.force_backend("triton"), LiveBytes() as fake:
+            step()
+        assert fake.peak == real.peak > 0

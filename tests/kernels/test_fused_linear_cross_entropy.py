@@ -81,24 +81,26 @@ def test_bad_inputs_say_how_to_fix():
         swkernels.fused_linear_cross_entropy(h, w, y, reduction="none")
 
 
-def test_custom_op_registration_is_consistent():
-    h, w, b, y = inputs(6, 8, 40, torch.float32, "cpu", bias=True)
-    torch.library.opcheck(fused_linear_ce_fwd, (h, w, b, y, -100, 0.1, 0.0, 4, True, "mean", "triton"))
+def test_custom_op_registration_is_consistent(device):
+    with torch.device(device):  # the GPU when present: its kernels, its allocations
+        h, w, b, y = inputs(6, 8, 40, torch.float32, device, bias=True)
+        torch.library.opcheck(fused_linear_ce_fwd, (h, w, b, y, -100, 0.1, 0.0, 4, True, "mean", "triton"))
 
 
-def test_fake_impl_allocates_what_the_real_chunks_allocate():
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def test_fake_impl_allocates_what_the_real_chunks_allocate(device):
+    with torch.device(device):  # the GPU when present: its kernels, its allocations
+        from torch._subclasses.fake_tensor import FakeTensorMode
 
-    def step():
-        h = torch.randn(48, 32, dtype=torch.bfloat16, requires_grad=True)
-        w = torch.randn(257, 32, dtype=torch.bfloat16)
-        swkernels.fused_linear_cross_entropy(h, w, torch.randint(0, 257, (48,))).backward()
+        def step():
+            h = torch.randn(48, 32, dtype=torch.bfloat16, requires_grad=True)
+            w = torch.randn(257, 32, dtype=torch.bfloat16)
+            swkernels.fused_linear_cross_entropy(h, w, torch.randint(0, 257, (48,))).backward()
 
-    with swkernels.force_backend("triton"), LiveBytes() as real, collect_each_op():
-        step()
-    with FakeTensorMode(), swkernels.force_backend("triton"), LiveBytes() as fake:
-        step()
-    assert fake.peak == real.peak > 0
+        with swkernels.force_backend("triton"), LiveBytes() as real, collect_each_op():
+            step()
+        with FakeTensorMode(), swkernels.force_backend("triton"), LiveBytes() as fake:
+            step()
+        assert fake.peak == real.peak > 0
 
 
 def test_peak_memory_far_below_the_unfused_path_at_128k_vocab():

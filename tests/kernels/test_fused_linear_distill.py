@@ -84,20 +84,21 @@ def test_teacher_must_be_given_one_way():
         swkernels.fused_linear_distill(hs, ws, ht, None, y)
 
 
-def test_fake_impl_allocates_what_the_real_chunks_allocate():
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def test_fake_impl_allocates_what_the_real_chunks_allocate(device):
+    with torch.device(device):  # the GPU when present: its kernels, its allocations
+        from torch._subclasses.fake_tensor import FakeTensorMode
 
-    def step():
-        hs = torch.randn(40, 32, dtype=torch.bfloat16, requires_grad=True)
-        ws = torch.randn(130, 32, dtype=torch.bfloat16, requires_grad=True)
-        ht, wt = torch.randn(40, 32, dtype=torch.bfloat16), torch.randn(130, 32, dtype=torch.bfloat16)
-        swkernels.fused_linear_distill(hs, ws, ht, wt, torch.randint(0, 130, (40,)), "jsd").backward()
+        def step():
+            hs = torch.randn(40, 32, dtype=torch.bfloat16, requires_grad=True)
+            ws = torch.randn(130, 32, dtype=torch.bfloat16, requires_grad=True)
+            ht, wt = torch.randn(40, 32, dtype=torch.bfloat16), torch.randn(130, 32, dtype=torch.bfloat16)
+            swkernels.fused_linear_distill(hs, ws, ht, wt, torch.randint(0, 130, (40,)), "jsd").backward()
 
-    with swkernels.force_backend("triton"), LiveBytes() as real, collect_each_op():
-        step()
-    with FakeTensorMode(), swkernels.force_backend("triton"), LiveBytes() as fake:
-        step()
-    assert fake.peak == real.peak > 0
+        with swkernels.force_backend("triton"), LiveBytes() as real, collect_each_op():
+            step()
+        with FakeTensorMode(), swkernels.force_backend("triton"), LiveBytes() as fake:
+            step()
+        assert fake.peak == real.peak > 0
 
 
 def test_peak_memory_far_below_unfused_at_128k_vocab():

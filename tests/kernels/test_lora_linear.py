@@ -158,27 +158,29 @@ def test_bad_shapes_say_how_to_fix():
         swkernels.lora_linear(x[:, :5], w, a, b, 1.0)
 
 
-def test_custom_op_registration_is_consistent():
-    x, w, a, b, bias = make((6,), 20, 12, 3, True, torch.float32, "cpu")
-    torch.library.opcheck(lora_linear_fwd, (x, w, a, b, bias, 2.0, 0.0, 0))
+def test_custom_op_registration_is_consistent(device):
+    with torch.device(device):  # the GPU when present: its kernels, its allocations
+        x, w, a, b, bias = make((6,), 20, 12, 3, True, torch.float32, device)
+        torch.library.opcheck(lora_linear_fwd, (x, w, a, b, bias, 2.0, 0.0, 0))
 
 
-def test_fake_impl_allocates_what_the_kernels_allocate():
-    import gc
+def test_fake_impl_allocates_what_the_kernels_allocate(device):
+    with torch.device(device):  # the GPU when present: its kernels, its allocations
+        import gc
 
-    from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch._subclasses.fake_tensor import FakeTensorMode
 
-    def step():
-        x, w, a, b, bias = make((50,), 40, 30, 4, True, torch.bfloat16, "cpu")
-        y = swkernels.lora_linear(x, w, a, b, 2.0, bias)
-        y.backward(torch.ones_like(y))
-        gc.collect()
+        def step():
+            x, w, a, b, bias = make((50,), 40, 30, 4, True, torch.bfloat16, device)
+            y = swkernels.lora_linear(x, w, a, b, 2.0, bias)
+            y.backward(torch.ones_like(y))
+            gc.collect()
 
-    with swkernels.force_backend("triton"), LiveBytes() as real:
-        step()
-    with FakeTensorMode(), swkernels.force_backend("triton"), LiveBytes() as fake:
-        step()
-    assert fake.peak == real.peak > 0
+        with swkernels.force_backend("triton"), LiveBytes() as real:
+            step()
+        with FakeTensorMode(), swkernels.force_backend("triton"), LiveBytes() as fake:
+            step()
+        assert fake.peak == real.peak > 0
 
 
 def test_torch_compile_traces_the_op():

@@ -122,49 +122,52 @@ def test_repacked_or_unquantised_weights_are_refused():
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "nf4-dq"])
-def test_fake_impl_allocates_what_the_kernels_allocate(double_quant):
-    p = quantized(40, 128, double_quant)
-    n, k = nf4_state(p).shape
+def test_fake_impl_allocates_what_the_kernels_allocate(double_quant, device):
+    with torch.device(device):  # the GPU when present: its kernels, its allocations
+        p = quantized(40, 128, double_quant, device=device)
+        n, k = nf4_state(p).shape
 
-    def step(weight_tensors):
-        x = torch.randn(33, k, dtype=torch.bfloat16, requires_grad=True)
-        a, b = torch.randn(4, k, requires_grad=True), torch.randn(n, 4, requires_grad=True)
-        y, _ = nf4_lora_linear_fwd(x, *weight_tensors, n, 64, 256, a, b, None, 2.0, 0.0, 0)
-        y.backward(torch.ones_like(y))
-        gc.collect()
+        def step(weight_tensors):
+            x = torch.randn(33, k, dtype=torch.bfloat16, requires_grad=True)
+            a, b = torch.randn(4, k, requires_grad=True), torch.randn(n, 4, requires_grad=True)
+            y, _ = nf4_lora_linear_fwd(x, *weight_tensors, n, 64, 256, a, b, None, 2.0, 0.0, 0)
+            y.backward(torch.ones_like(y))
+            gc.collect()
 
-    w = nf4_state(p)
-    weight_tensors = [w.packed, w.absmax, w.code, w.absmax2, w.code2, w.offset]
-    with swkernels.force_backend("triton"), LiveBytes() as real:
-        step(weight_tensors)
-    from torch._subclasses.fake_tensor import FakeTensorMode
+        w = nf4_state(p)
+        weight_tensors = [w.packed, w.absmax, w.code, w.absmax2, w.code2, w.offset]
+        with swkernels.force_backend("triton"), LiveBytes() as real:
+            step(weight_tensors)
+        from torch._subclasses.fake_tensor import FakeTensorMode
 
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:  # the weight exists before the step, as a model's does
-        weight_tensors = [t if t is None else mode.from_tensor(t) for t in weight_tensors]
-    with mode, swkernels.force_backend("triton"), LiveBytes() as fake:
-        step(weight_tensors)
-    assert fake.peak == real.peak > 0
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:  # the weight exists before the step, as a model's does
+            weight_tensors = [t if t is None else mode.from_tensor(t) for t in weight_tensors]
+        with mode, swkernels.force_backend("triton"), LiveBytes() as fake:
+            step(weight_tensors)
+        assert fake.peak == real.peak > 0
 
 
-def test_forward_allocates_only_the_output_and_s():
+def test_forward_allocates_only_the_output_and_s(device):
     """No dequantised copy of W (nor of its fp32 scales): the forward's new bytes are y and S."""
-    n, k, m, r = 256, 512, 8, 4
-    p = quantized(n, k, True)
-    x = torch.randn(m, k, dtype=torch.bfloat16)
-    a, b = torch.randn(r, k), torch.randn(n, r)
-    with swkernels.force_backend("triton"), LiveBytes() as live:
-        y, s = nf4_lora_linear_fwd(*fwd_args(p, x, a, b))
-    assert live.peak == 512 * math.ceil(m * n * 2 / 512) + 512 * math.ceil(m * r * 2 / 512)
-    assert live.peak < n * k // 4  # a bf16 W would be n·k·2 bytes
+    with torch.device(device):  # the GPU when present: its kernels, its allocations
+        n, k, m, r = 256, 512, 8, 4
+        p = quantized(n, k, True, device=device)
+        x = torch.randn(m, k, dtype=torch.bfloat16)
+        a, b = torch.randn(r, k), torch.randn(n, r)
+        with swkernels.force_backend("triton"), LiveBytes() as live:
+            y, s = nf4_lora_linear_fwd(*fwd_args(p, x, a, b))
+        assert live.peak == 512 * math.ceil(m * n * 2 / 512) + 512 * math.ceil(m * r * 2 / 512)
+        assert live.peak < n * k // 4  # a bf16 W would be n·k·2 bytes
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "nf4-dq"])
-def test_custom_op_registration_is_consistent(double_quant):
-    p = quantized(24, 64, double_quant)
-    x = torch.randn(5, 64, dtype=torch.bfloat16, requires_grad=True)
-    a, b = torch.randn(3, 64, requires_grad=True), torch.randn(24, 3, requires_grad=True)
-    torch.library.opcheck(nf4_lora_linear_fwd, fwd_args(p, x, a, b, None, 1.0))
+def test_custom_op_registration_is_consistent(double_quant, device):
+    with torch.device(device):  # the GPU when present: its kernels, its allocations
+        p = quantized(24, 64, double_quant, device=device)
+        x = torch.randn(5, 64, dtype=torch.bfloat16, requires_grad=True)
+        a, b = torch.randn(3, 64, requires_grad=True), torch.randn(24, 3, requires_grad=True)
+        torch.library.opcheck(nf4_lora_linear_fwd, fwd_args(p, x, a, b, None, 1.0))
 
 
 def test_torch_compile_traces_the_op():

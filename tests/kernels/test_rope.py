@@ -114,27 +114,29 @@ def test_bad_shapes_say_how_to_fix():
         swkernels.apply_rope(q, k.double(), pos, inv)
 
 
-def test_custom_op_registration_is_consistent():
-    q, k, pos, inv = make(CASES[0], torch.float32, "cpu")
-    torch.library.opcheck(rope_op, (q, k, pos, inv, 1.0, False))
+def test_custom_op_registration_is_consistent(device):
+    with torch.device(device):  # the GPU when present: its kernels, its allocations
+        q, k, pos, inv = make(CASES[0], torch.float32, device)
+        torch.library.opcheck(rope_op, (q, k, pos, inv, 1.0, False))
 
 
-def test_fake_impl_allocates_what_the_kernel_allocates():
-    import gc
+def test_fake_impl_allocates_what_the_kernel_allocates(device):
+    with torch.device(device):  # the GPU when present: its kernels, its allocations
+        import gc
 
-    from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch._subclasses.fake_tensor import FakeTensorMode
 
-    def step():
-        q, k, pos, inv = make(CASES[0], torch.bfloat16, "cpu")
-        qo, ko = swkernels.apply_rope(q, k, pos, inv)
-        (qo.float().sum() + ko.float().sum()).backward()
-        gc.collect()
+        def step():
+            q, k, pos, inv = make(CASES[0], torch.bfloat16, device)
+            qo, ko = swkernels.apply_rope(q, k, pos, inv)
+            (qo.float().sum() + ko.float().sum()).backward()
+            gc.collect()
 
-    with swkernels.force_backend("triton"), LiveBytes() as real, collect_each_op():
-        step()
-    with FakeTensorMode(), swkernels.force_backend("triton"), LiveBytes() as fake:
-        step()
-    assert fake.peak == real.peak > 0
+        with swkernels.force_backend("triton"), LiveBytes() as real, collect_each_op():
+            step()
+        with FakeTensorMode(), swkernels.force_backend("triton"), LiveBytes() as fake:
+            step()
+        assert fake.peak == real.peak > 0
 
 
 def test_no_cos_sin_table_is_allocated():

@@ -57,28 +57,30 @@ def test_shape_mismatch_is_a_clear_error():
         swkernels.silu_mul(torch.randn(3, 4), torch.randn(4, 3))
 
 
-def test_custom_op_registration_is_consistent():
+def test_custom_op_registration_is_consistent(device):
     """torch's own checker: schema, fake impl, autograd registration and dispatch agree."""
-    from swkernels.ops.silu_mul import _silu_mul_op
+    with torch.device(device):  # the GPU when present: its kernels, its allocations
+        from swkernels.ops.silu_mul import _silu_mul_op
 
-    g, u = torch.randn(5, 33, requires_grad=True), torch.randn(5, 33, requires_grad=True)
-    torch.library.opcheck(_silu_mul_op, (g, u))
+        g, u = torch.randn(5, 33, requires_grad=True), torch.randn(5, 33, requires_grad=True)
+        torch.library.opcheck(_silu_mul_op, (g, u))
 
 
-def test_fake_impl_allocates_what_the_kernel_allocates():
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def test_fake_impl_allocates_what_the_kernel_allocates(device):
+    with torch.device(device):  # the GPU when present: its kernels, its allocations
+        from torch._subclasses.fake_tensor import FakeTensorMode
 
-    def step(gate, up):
-        out = swkernels.silu_mul(gate, up)
-        out.backward(torch.ones_like(out))
-        return out
+        def step(gate, up):
+            out = swkernels.silu_mul(gate, up)
+            out.backward(torch.ones_like(out))
+            return out
 
-    shape = (64, 1000)
-    with swkernels.force_backend("triton"), LiveBytes() as real:
-        step(torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True))
-    with FakeTensorMode(), swkernels.force_backend("triton"), LiveBytes() as fake:
-        step(torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True))
-    assert fake.peak == real.peak > 0
+        shape = (64, 1000)
+        with swkernels.force_backend("triton"), LiveBytes() as real:
+            step(torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True))
+        with FakeTensorMode(), swkernels.force_backend("triton"), LiveBytes() as fake:
+            step(torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True))
+        assert fake.peak == real.peak > 0
 
 
 def test_torch_compile_traces_the_op():
