@@ -56,8 +56,10 @@ def test_unpacked_is_causal_with_gqa_and_window(window):
     torch.testing.assert_close(out, reference(q, k, v, allowed), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mask_max_bytes", [attention.PACKED_MASK_MAX_BYTES, 0], ids=["one-masked-call", "per-document"])
 @pytest.mark.parametrize("window", [None, 2])
-def test_packed_documents_do_not_attend_across(window):
+def test_packed_documents_do_not_attend_across(window, mask_max_bytes, monkeypatch):
+    monkeypatch.setattr(attention, "PACKED_MASK_MAX_BYTES", mask_max_bytes)
     q, k, v = qkv()
     module = SimpleNamespace(training=False, sliding_window=window)
     out, _ = attention.sdpa_attention(module, q, k, v, None, position_ids=POSITIONS)

@@ -7,8 +7,9 @@ model skip mask creation; we then call SDPA with ``is_causal=True`` (flash / mem
 kernels, O(seq) memory), native GQA (no repeat_kv copies), and handle the two cases that need
 more: packed documents (position_ids restarting at 0: attention stays inside each document) and
 sliding-window layers longer than their window. Packed CUDA batches in fp16/bf16 go to
-flash-attn's varlen kernel when it is installed (one launch for all documents), else to one SDPA
-call per document.
+flash-attn's varlen kernel when it is installed (one launch for all documents); otherwise short
+rows take one SDPA call with a block-diagonal causal mask built from position_ids, and long rows
+(whose mask would be large) one SDPA call per document.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ import torch
 import torch.nn.functional as F
 
 NAME = "swengine_sdpa"
+# a packed batch gets one masked SDPA call while its boolean mask (batch × seq² bytes) stays this
+# small; above it, one call per document (no mask at all). Many small calls cost far more than
+# one masked call on short rows (the demo's 128-token rows hold ~40 documents each).
+PACKED_MASK_MAX_BYTES = 16 * 2**20
 
 
 def _document_lengths(position_ids: torch.Tensor) -> list[list[int]]:
@@ -73,6 +78,17 @@ def _sliding_mask(seq_len: int, window: int, device) -> torch.Tensor:
     return (diff >= 0) & (diff < window)
 
 
+def _document_mask(position_ids: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(b, 1, s, s) bool: token i sees token j of its own document with j <= i (and i - j < window)."""
+    doc = (position_ids == 0).cumsum(-1)
+    i = torch.arange(position_ids.shape[-1], device=position_ids.device)
+    diff = i[:, None] - i[None, :]
+    allowed = diff >= 0
+    if window:
+        allowed = allowed & (diff < window)
+    return ((doc[:, :, None] == doc[:, None, :]) & allowed)[:, None]
+
+
 def sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                    **kwargs):
     """query (b, hq, s, d), key/value (b, hkv, s, d) → (b, s, hq, d), no attention weights."""
@@ -88,6 +104,9 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0
     elif _is_packed(position_ids, s) and (varlen := _varlen_for(query)) is not None:
         return _packed_varlen(varlen, query, key, value, _document_lengths(position_ids), window, dropout,
                               scaling), None
+    elif _is_packed(position_ids, s) and b * s * s <= PACKED_MASK_MAX_BYTES:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=_document_mask(position_ids, window),
+                                             dropout_p=dropout, scale=scaling, enable_gqa=gqa)
     elif _is_packed(position_ids, s):
         out = torch.empty_like(query)
         for row, lengths in enumerate(_document_lengths(position_ids)):
