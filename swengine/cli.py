@@ -53,6 +53,9 @@ def plan(
     qlora: bool = typer.Option(None, "--qlora/--no-qlora", help="Force / forbid NF4 base weights (default: decide)."),
     teacher: str = typer.Option(None, "--teacher", help="Distillation teacher model (preset/dir/config.json)."),
     teacher_quant: str = typer.Option("none", "--teacher-quant", help="Teacher weights: none (bf16) or nf4-dq."),
+    lora_impl: str = typer.Option("swkernels", "--lora-impl", help="LoRA layers: swkernels (fused kernels) or peft."),
+    loss: str = typer.Option("fused", "--loss", help="fused (chunked linear+CE, no full logits) or unfused "
+                             "(transformers' fp32 logits)."),
     max_ctx: bool = typer.Option(False, "--max-context", help="Also report the longest sequence that fits."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (specs/plan.schema.json)."),
 ) -> None:
@@ -61,7 +64,8 @@ def plan(
     from swengine.planner.report import render, to_dict
 
     result = make_plan(model, gpu=gpu, vram_gib=vram, seq_len=seq_len, batch=batch, rank=rank, qlora=qlora,
-                       teacher=teacher, teacher_quant=teacher_quant, want_max_context=max_ctx)
+                       teacher=teacher, teacher_quant=teacher_quant, lora_impl=lora_impl, loss=loss,
+                       want_max_context=max_ctx)
     typer.echo(json.dumps(to_dict(result), indent=2) if as_json else render(result))
     if not result.fits:
         raise typer.Exit(1)

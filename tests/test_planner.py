@@ -26,6 +26,11 @@ FAST_MATRIX = [
     ("phi-3-mini", Setup(seq_len=512, micro_batch=4, lora_rank=8, checkpointing=True, optimizer="adamw8bit")),
     ("gemma-2-2b", Setup(seq_len=1024, micro_batch=1, lora_rank=16, checkpointing=True)),
     ("mistral-7b", Setup(seq_len=4096, micro_batch=1, lora_rank=32, checkpointing=True)),
+    # the default stack: fused LoRA kernels + fused linear-CE
+    ("qwen2.5-0.5b", Setup(seq_len=2048, micro_batch=2, lora_rank=64, checkpointing=False, lora_impl="swkernels",
+                           loss="fused")),
+    ("gemma-2-2b", Setup(seq_len=1024, micro_batch=1, lora_rank=16, checkpointing=True, lora_impl="swkernels",
+                         loss="fused")),
 ]
 
 
@@ -38,10 +43,11 @@ def test_fake_measurement_equals_a_real_cpu_run():
         assert fake.phase_peaks == real.phase_peaks
 
 
+@pytest.mark.parametrize("lora_impl", ["peft", "swkernels"])
 @pytest.mark.parametrize("model", ["qwen2.5-0.5b", "gemma-2-2b"])
-def test_static_bytes_are_exact(model):
+def test_static_bytes_are_exact(model, lora_impl):
     config = load_model_config(model)
-    setup = Setup(seq_len=128)
+    setup = Setup(seq_len=128, lora_impl=lora_impl)
     st = static_bytes(inventory(config), setup)
     m = measure_fake(config, setup)
     assert st.base_weights + st.lora_params == m.weights_bytes  # tied embeddings counted once
@@ -49,7 +55,7 @@ def test_static_bytes_are_exact(model):
     assert 0 <= m.phase_peaks["optimizer"] - st.total - 4 * st.lora_numel < 2**20
 
 
-@pytest.mark.parametrize("model,setup", FAST_MATRIX, ids=[m for m, _ in FAST_MATRIX])
+@pytest.mark.parametrize("model,setup", FAST_MATRIX, ids=[f"{m}-{s.lora_impl}" for m, s in FAST_MATRIX])
 def test_analytic_peak_within_5_percent_of_measured(model, setup):
     config = load_model_config(model)
     predicted = estimate(config, setup).peak_allocated

@@ -80,6 +80,12 @@ def _group(coef: dict[str, float], f: dict[str, float]) -> dict[str, float]:
             groups["adapter_grads_and_casts"] += v
         else:
             groups["other"] += v
+    # the least-squares fit can give a small group a negative share: net it against activations,
+    # so every reported component is >= 0 and they still sum to the peak
+    for name in list(groups):
+        if name != "activations" and groups[name] < 0:
+            groups["activations"] += groups[name]
+            groups[name] = 0.0
     return groups
 
 

@@ -9,7 +9,7 @@ from swengine.planner.setup import Setup, Teacher
 
 def resolve_gpu(gpu: str | None, vram_gib: float | None) -> tuple[str, int, float | None]:
     """(display name, VRAM bytes, peak tensor TFLOP/s or None) from --gpu/--vram or the detected GPU."""
-    from swengine.hardware import GPU_PROFILES, detect_gpus, profile_for
+    from swengine.hardware import GPU_PROFILES, detect_gpus, profile_for, visible_gpus
 
     if gpu:
         prof = profile_for(gpu)
@@ -22,17 +22,18 @@ def resolve_gpu(gpu: str | None, vram_gib: float | None) -> tuple[str, int, floa
             raise UserError(f"--vram must be positive (got {vram_gib})")
         return f"a {vram_gib:g} GiB GPU", int(vram_gib * GiB), None
     report = detect_gpus()
-    if not report.gpus:
-        why = f" ({report.error})" if report.error else ""
+    gpus = visible_gpus(report.gpus)
+    if not gpus:
+        why = f" ({report.error})" if report.error else (" (CUDA_VISIBLE_DEVICES hides every GPU)" if report.gpus else "")
         raise UserError(f"no GPU found{why}; say which one to plan for with --gpu NAME (e.g. rtx-4090) or --vram GIB")
-    g = report.gpus[0]
+    g = gpus[0]
     prof = profile_for(g.name, g.vram_total_bytes)
     return g.name, g.vram_total_bytes, prof.tensor_tflops if prof else None
 
 
 def make_plan(model: str, *, gpu: str | None = None, vram_gib: float | None = None, seq_len: int = 2048,
               batch: int = 16, rank: int | None = None, qlora: bool | None = None, teacher: str | None = None,
-              teacher_quant: str = "none", lora_impl: str = "peft", loss: str = "unfused",
+              teacher_quant: str = "none", lora_impl: str = "swkernels", loss: str = "fused",
               want_max_context: bool = False) -> Plan:
     from swengine.model.config import load_model_config
 

@@ -32,7 +32,8 @@ def apply_plan(cfg: TrainConfig, gpu: str | None) -> None:
     model = model_load.model_path(cfg.model.path)
     result = make_plan(model, gpu=gpu, seq_len=cfg.data.max_seq_len,
                        batch=cfg.schedule.micro_batch_size * cfg.schedule.grad_accumulation,
-                       qlora=True if cfg.quantization.load_in_4bit else None)
+                       qlora=True if cfg.quantization.load_in_4bit else None, lora_impl=cfg.lora.impl,
+                       loss="fused" if cfg.fused_loss else "unfused")
     typer.echo(render(result))
     if not result.fits:
         raise UserError(f"the planner finds no setup that fits: {result.reasons[0]}")
