@@ -28,7 +28,7 @@ def check(model: str, card: str, seq_len: int, batch: int) -> dict:
     from swengine.model.config import load_model_config
     from swengine.planner.analytic import CUDA_CONTEXT_BYTES
     from swengine.planner.cli import make_plan
-    from swengine.planner.measure import _run_steps, build_training_model
+    from swengine.planner.measure import measure_cuda
 
     plan = make_plan(model, gpu=card, seq_len=seq_len, batch=batch)
     row = {"card": card, "model": model, "seq_len": seq_len, "fits": plan.fits, "vram_bytes": plan.vram_bytes}
@@ -36,40 +36,21 @@ def check(model: str, card: str, seq_len: int, batch: int) -> dict:
         return row
     setup = plan.setup
     row.update(setup={k: v for k, v in setup.to_dict().items() if k != "teacher"},
-               grad_accumulation=plan.grad_accumulation, predicted_peak_bytes=plan.estimate.peak_allocated)
-    torch.cuda.set_per_process_memory_fraction(1.0)
+               grad_accumulation=plan.grad_accumulation, predicted_peak_bytes=plan.estimate.peak_allocated,
+               predicted_vram_needed_bytes=plan.estimate.total_vram)
     gc.collect()
     torch.cuda.empty_cache()
-    base, base_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    reserved = torch.cuda.memory_reserved()
     start = time.perf_counter()
-    model_obj = build_training_model(load_model_config(model), setup, "cuda")
-    # the cap applies to training, not to building (a real loader streams weights in, already quantised)
-    total = torch.cuda.get_device_properties(0).total_memory
-    # the CUDA context (CUDA_CONTEXT_BYTES in the planner) lives outside the caching allocator
-    cap = plan.vram_bytes - CUDA_CONTEXT_BYTES + base_reserved
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
-    torch.cuda.reset_peak_memory_stats()
-
-    class _NoPhases:
-        phase = "?"
-
     try:
-        _run_steps(model_obj, setup, model_obj.config.vocab_size, "cuda", _NoPhases(), steps=2)
-        torch.cuda.synchronize()
-        row["oom"] = False
+        # the CUDA context (CUDA_CONTEXT_BYTES in the planner) lives outside the caching allocator
+        m = measure_cuda(load_model_config(model), setup, cap_bytes=plan.vram_bytes - CUDA_CONTEXT_BYTES)
+        row.update(oom=False, measured_peak_bytes=m.peak_bytes,
+                   rel_error=(row["predicted_peak_bytes"] - m.peak_bytes) / m.peak_bytes)
     except torch.OutOfMemoryError as e:
-        row["oom"] = True
-        row["error"] = str(e).splitlines()[0][:300]
-    row["measured_peak_bytes"] = torch.cuda.max_memory_allocated() - base
-    row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved() - base_reserved
-    row["predicted_vram_needed_bytes"] = plan.estimate.total_vram
+        row.update(oom=True, error=str(e).splitlines()[0][:300])
+    row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved() - reserved
     row["seconds"] = round(time.perf_counter() - start, 2)
-    if not row["oom"]:
-        row["rel_error"] = (row["predicted_peak_bytes"] - row["measured_peak_bytes"]) / row["measured_peak_bytes"]
-    del model_obj
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.set_per_process_memory_fraction(1.0)
     return row
 
 

@@ -226,23 +226,34 @@ def measure_real_cpu(config: PretrainedConfig, setup: Setup, steps: int = 2) -> 
                        _last_step_phases(mem, steps))
 
 
-def measure_cuda(config: PretrainedConfig, setup: Setup, steps: int = 2) -> Measurement:
-    """Real peak on the current CUDA device (``torch.cuda.max_memory_allocated``)."""
+def measure_cuda(config: PretrainedConfig, setup: Setup, steps: int = 2, cap_bytes: int | None = None) -> Measurement:
+    """Real peak on the current CUDA device (``torch.cuda.max_memory_allocated``).
+
+    ``cap_bytes`` emulates a smaller card: the caching allocator may hold at most that much during
+    the steps (not while building: a real loader streams weights in, already quantised), so a
+    setup that does not fit raises ``torch.OutOfMemoryError``."""
     start = time.perf_counter()
     gc.collect()
     torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
+    base, base_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     model = build_training_model(config, setup, "cuda")
     weights = torch.cuda.memory_allocated() - base
+    if cap_bytes is not None:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (cap_bytes + base_reserved) / total))
     torch.cuda.reset_peak_memory_stats()
 
     class _Phase:
         phase = "?"
 
-    _run_steps(model, setup, config.vocab_size, "cuda", _Phase(), steps)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    try:
+        _run_steps(model, setup, config.vocab_size, "cuda", _Phase(), steps)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    finally:
+        if cap_bytes is not None:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
     return Measurement(peak, "?", weights, time.perf_counter() - start, torch.cuda.get_device_name())
