@@ -97,17 +97,18 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0
     window = getattr(module, "sliding_window", None)
     dropout = dropout if module.training else 0.0
     position_ids = kwargs.get("position_ids")
+    packed = attention_mask is None and _is_packed(position_ids, s)  # one device sync per call, not three
     if attention_mask is not None:  # an explicit (custom) mask always wins
         mask = attention_mask[:, :, :, : key.shape[-2]]
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
                                              enable_gqa=gqa)
-    elif _is_packed(position_ids, s) and (varlen := _varlen_for(query)) is not None:
+    elif packed and (varlen := _varlen_for(query)) is not None:
         return _packed_varlen(varlen, query, key, value, _document_lengths(position_ids), window, dropout,
                               scaling), None
-    elif _is_packed(position_ids, s) and b * s * s <= PACKED_MASK_MAX_BYTES:
+    elif packed and b * s * s <= PACKED_MASK_MAX_BYTES:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=_document_mask(position_ids, window),
                                              dropout_p=dropout, scale=scaling, enable_gqa=gqa)
-    elif _is_packed(position_ids, s):
+    elif packed:
         out = torch.empty_like(query)
         for row, lengths in enumerate(_document_lengths(position_ids)):
             start = 0
