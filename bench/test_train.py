@@ -41,8 +41,7 @@ def _hf_trainer(ours):
 
     cfg = ours.cfg
     dtype = torch.bfloat16 if ON_CUDA else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(ours.model_path, dtype=torch.float32 if not ON_CUDA else dtype,
-                                                 attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(ours.model_path, dtype=dtype, attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
                                              target_modules="all-linear"))
     rows = [{"input_ids": torch.tensor(r.input_ids), "labels": torch.tensor(r.labels),
@@ -63,9 +62,6 @@ def _hf_setup_seconds(trainer) -> float:
     marks = {}
 
     class Mark(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            marks.setdefault("begin", time.perf_counter())
-
         def on_step_begin(self, *a, **k):
             marks.setdefault("first_step", time.perf_counter())
 

@@ -61,11 +61,11 @@ def detect_gpus() -> NvmlReport:
             pass
 
 
-def visible_gpus(gpus: tuple[DetectedGPU, ...], env: str | None = None) -> tuple[DetectedGPU, ...]:
+def visible_gpus(gpus: tuple[DetectedGPU, ...]) -> tuple[DetectedGPU, ...]:
     """The GPUs this process can use: NVML lists every GPU of the machine, CUDA only those named
     by CUDA_VISIBLE_DEVICES (unset: all; empty or -1: none; indices: those, in that order).
     Entries that are not indices (GPU UUIDs) cannot be matched to NVML's list here: all are kept."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES") if env is None else env
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is None:
         return gpus
     picked = []
