@@ -9,8 +9,10 @@ from swkernels._backend import force_backend, select_backend
 from swkernels.ops.distill_loss import distill_loss
 from swkernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 from swkernels.ops.fused_linear_distill import fused_linear_distill
+from swkernels.ops.gelu_mul import gelu_mul
 from swkernels.ops.lora_linear import lora_linear
 from swkernels.ops.nf4_lora_linear import nf4_lora_linear
+from swkernels.ops.rms_norm import rms_norm
 from swkernels.ops.rope import apply_rope, apply_rope_
 from swkernels.ops.silu_mul import silu_mul
 from swkernels.rope_scaling import rope_inv_freq
@@ -18,5 +20,6 @@ from swkernels.rope_scaling import rope_inv_freq
 __version__ = "0.1.0"
 
 __all__ = ["apply_rope", "apply_rope_", "distill_loss", "force_backend", "fused_linear_cross_entropy",
-           "fused_linear_distill", "lora_linear", "nf4_lora_linear", "nn", "rope_inv_freq", "select_backend",
+           "gelu_mul",
+           "fused_linear_distill", "lora_linear", "nf4_lora_linear", "nn", "rms_norm", "rope_inv_freq", "select_backend",
            "silu_mul"]
