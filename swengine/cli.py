@@ -80,11 +80,13 @@ def train(
                               "and checkpointing for the GPU."),
     gpu: str = typer.Option(None, "--gpu", help="With --auto: plan for this GPU instead of the detected one."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config (and plan) and stop."),
+    strict_kernels: bool = typer.Option(False, "--strict-kernels", help="Fail instead of warning when a layer "
+                                        "cannot run on swkernels (same as model.strict_kernels=true)."),
 ) -> None:
     """Fine-tune with LoRA/QLoRA. With no arguments: the embedded offline demo (tiny model, CPU-friendly)."""
     from swengine.train.cli import run_train
 
-    run_train(args or [], resume=resume, auto=auto or None, gpu=gpu, dry_run=dry_run)
+    run_train(args or [], resume=resume, auto=auto or None, gpu=gpu, dry_run=dry_run, strict_kernels=strict_kernels)
 
 
 @app.command()

@@ -23,6 +23,9 @@ class ModelConfig:
     dtype: Literal["bf16", "fp16", "fp32", "auto"] = "auto"  # auto: bf16 where the GPU has it, else fp16
     attention: Literal["sdpa", "eager", "flash"] = "sdpa"
     trust_remote_code: bool = False
+    # a layer our kernels cannot take (unknown layout/activation/norm) is an error instead of a
+    # warning line and the transformers path for that part
+    strict_kernels: bool = False
 
 
 @dataclass

@@ -12,7 +12,16 @@ from pathlib import Path
 import jsonschema
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from swengine.model.load import DEMO_MODEL, DEMO_TRAIN, load_tokenizer
 from swengine.telemetry import read_events
@@ -22,7 +31,10 @@ ROOT = Path(__file__).parents[1]
 TELEMETRY = json.loads((ROOT / "specs" / "telemetry.schema.json").read_text())
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256)
-FAMILIES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+_GEMMA = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=32)
+FAMILIES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+            "phi3": Phi3Config, "gemma2": lambda **kw: Gemma2Config(**_GEMMA, **kw),
+            "gemma3": lambda **kw: Gemma3TextConfig(**_GEMMA, **kw)}
 
 
 def make_model(root: Path, family: str) -> Path:
@@ -99,12 +111,16 @@ def test_llama_trains_adapter_loads_in_peft_and_merges(workdir):
     assert "adapter (PEFT format)" in proc.stdout or "merged model written" in proc.stdout
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"])
 def test_other_families_train_and_load_in_peft(workdir, family):
+    """load → patch (every fused op; --strict-kernels: nothing left on the transformers path) →
+    train → save → PEFT reloads the adapter and gives our patched model's logits."""
     model = make_model(workdir, family)
     out = workdir / f"run-{family}"
-    proc = run_cli(*base_args(model, workdir / "train.jsonl", out, steps=12))
+    proc = run_cli(*base_args(model, workdir / "train.jsonl", out, steps=6), "logging.eval_every=3",
+                   "checkpointing.save_every=0", "--strict-kernels")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "kept the transformers path" not in proc.stderr
     adapter_logits_match(model, out / "adapter")
 
 

@@ -19,6 +19,11 @@ class Row:
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int]
+    real: int | None = None  # tokens that are data, not packing fill (None: all of them)
+
+    @property
+    def real_tokens(self) -> int:
+        return len(self.input_ids) if self.real is None else self.real
 
 
 def truncate(ex: Example, seq_len: int) -> Example:
@@ -31,7 +36,7 @@ def pack(examples: list[Example], seq_len: int, pad_id: int) -> list[Row]:
     def flush():
         if ids:
             fill = seq_len - len(ids)
-            rows.append(Row(ids + [pad_id] * fill, labels + [IGNORE] * fill, pos + list(range(fill))))
+            rows.append(Row(ids + [pad_id] * fill, labels + [IGNORE] * fill, pos + list(range(fill)), len(ids)))
 
     for ex in examples:
         ex = truncate(ex, seq_len)
@@ -54,7 +59,8 @@ def unpacked(examples: list[Example], seq_len: int) -> list[Row]:
 
 
 def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row (causal attention never looks right, so no mask is needed)."""
+    """Right-pad to the longest row (causal attention never looks right, so no mask is needed).
+    ``real_tokens`` (a CPU scalar) counts the tokens that are data, for throughput figures."""
     n = max(len(r.input_ids) for r in rows)
     out = {"input_ids": [], "labels": [], "position_ids": []}
     for r in rows:
@@ -62,7 +68,9 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
         out["input_ids"].append(r.input_ids + [pad_id] * fill)
         out["labels"].append(r.labels + [IGNORE] * fill)
         out["position_ids"].append(r.position_ids + list(range(len(r.position_ids), len(r.position_ids) + fill)))
-    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+    batch = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+    batch["real_tokens"] = torch.tensor(sum(r.real_tokens for r in rows))
+    return batch
 
 
 class BatchStream:

@@ -94,7 +94,8 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0
     """query (b, hq, s, d), key/value (b, hkv, s, d) → (b, s, hq, d), no attention weights."""
     b, hq, s, _ = query.shape
     gqa = key.shape[1] != hq
-    window = getattr(module, "sliding_window", None)
+    # transformers passes the layer's window (Mistral and Phi-3 only pass it, as the config's)
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
     dropout = dropout if module.training else 0.0
     position_ids = kwargs.get("position_ids")
     packed = attention_mask is None and _is_packed(position_ids, s)  # one device sync per call, not three

@@ -8,9 +8,8 @@ from pathlib import Path
 from transformers import AutoConfig, PretrainedConfig
 
 from swengine.errors import UserError
+from swengine.model.families import family
 from swengine.model.presets import PRESETS, preset_key
-
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma", "gemma2")
 
 
 def load_model_config(model: str) -> PretrainedConfig:
@@ -39,5 +38,4 @@ def load_model_config(model: str) -> PretrainedConfig:
 
 
 def check_family(model_type: str) -> None:
-    if model_type not in SUPPORTED_FAMILIES:
-        raise UserError(f"unsupported architecture {model_type!r}; supported families: {', '.join(SUPPORTED_FAMILIES)}")
+    family(model_type)  # raises the one-line error naming the supported families

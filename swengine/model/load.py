@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from swengine.errors import UserError
 from swengine.model.attention import implementation_for
-from swengine.model.patch import FAMILIES
+from swengine.model.families import FAMILIES
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEMO_MODEL = ASSETS / "demo_model"

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
 import swkernels
-from swengine.model.checkpointing import enable_checkpointing
+from swengine.model.patch import decoder_layers
 from swengine.planner.setup import Setup
 from swengine.train.optim import build_optimizer
 from swengine.train.step import forward_backward, optimizer_step
@@ -56,35 +56,17 @@ def _materialize_fake(model: nn.Module) -> None:
                 module._buffers[name] = made[id(b)]
 
 
-def build_training_model(config: PretrainedConfig, setup: Setup, device: str | torch.device) -> nn.Module:
-    """The model as the loop trains it: base in bf16/fp16 (or NF4), LoRA adapters, checkpointing.
-    With ``device="meta"`` the caller materialises it (as fake tensors) before use."""
-    from swengine.model.attention import implementation_for
-    from swengine.model.lora import apply_peft_lora
-    from swengine.model.quant import quantize_nf4_
+def build_training_model(config: PretrainedConfig, setup: Setup, device: str | torch.device,
+                         lora_alpha: float | None = None) -> nn.Module:
+    """The model as the loop trains it (:func:`swengine.model.build.build_training_model`) for a
+    planner setup; alpha defaults to 2×rank (it changes no byte). With ``device="meta"`` the
+    caller materialises it (as fake tensors) before use."""
+    from swengine.model.build import build_training_model as build
+    from swengine.model.patch import LoraSpec
 
-    config = config.__class__.from_dict(config.to_dict())
-    config.use_cache = False
-    dtype = DTYPES[setup.dtype]
-    attn = implementation_for(config, setup.attention)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-        model.requires_grad_(False)
-        if setup.quant != "none":
-            if device == "meta":
-                raise NotImplementedError("fake tensors cannot hold NF4 weights (bitsandbytes' Params4bit cannot wrap "
-                                          "a fake tensor); measure NF4 on real CPU tensors (measure_real_cpu)")
-            quantize_nf4_(model, setup.lora_targets, double_quant=setup.quant == "nf4-dq", compute_dtype=dtype)
-        if setup.lora_impl == "swkernels":
-            from swengine.model.patch import LoraSpec, patch
-
-            patch(model, LoraSpec(rank=setup.lora_rank, alpha=2 * setup.lora_rank, targets=setup.lora_targets))
-        else:
-            model = apply_peft_lora(model, rank=setup.lora_rank, alpha=2 * setup.lora_rank, targets=setup.lora_targets)
-    if setup.checkpointing:
-        enable_checkpointing(model)
-    model.train()
-    return model
+    lora = LoraSpec(rank=setup.lora_rank, alpha=lora_alpha or 2.0 * setup.lora_rank, targets=setup.lora_targets)
+    return build(config, lora, dtype=DTYPES[setup.dtype], device=device, quant=setup.quant, impl=setup.lora_impl,
+                 attention=setup.attention, checkpointing=setup.checkpointing).model
 
 
 def _resident_tensors(model: nn.Module) -> list[torch.Tensor]:
@@ -111,7 +93,7 @@ def _run_steps(model: nn.Module, setup: Setup, vocab: int, device: str, mem: Liv
     ids = torch.randint(0, vocab, (setup.micro_batch, setup.seq_len), device=device)
     batch = {"input_ids": ids, "labels": ids}
     tracker = _PhaseTracker(mem)
-    handles = tracker.attach(_decoder_layers(model))
+    handles = tracker.attach(decoder_layers(model))
     try:
         for step in range(steps):
             tracker.step = step + 1
@@ -169,7 +151,7 @@ class _PhaseTracker:
                 out.register_hook(self._grad_hook(sub_next))
         return hook
 
-    def attach(self, layers: nn.ModuleList) -> list:
+    def attach(self, layers: list[nn.Module]) -> list:
         handles = [layers[-1].register_forward_hook(self._exit(None))]
         for layer in layers:
             for sub in ("self_attn", "mlp"):
@@ -178,13 +160,6 @@ class _PhaseTracker:
                 handles.append(module.register_forward_pre_hook(self._enter(name)))
                 handles.append(module.register_forward_hook(self._exit(name)))
         return handles
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and "DecoderLayer" in type(module[0]).__name__:
-            return module
-    raise ValueError(f"no decoder layers found in {type(model).__name__}")
 
 
 def _last_step_phases(mem: LiveBytes, steps: int) -> dict[str, int]:

@@ -48,11 +48,13 @@ def apply_plan(cfg: TrainConfig, gpu: str | None) -> None:
     cfg.quantization.double_quant = s.quant == "nf4-dq"
 
 
-def run_train(args: list[str], resume: str | None, auto: bool | None, gpu: str | None, dry_run: bool) -> None:
+def run_train(args: list[str], resume: str | None, auto: bool | None, gpu: str | None, dry_run: bool,
+              strict_kernels: bool = False) -> None:
     from swengine.train.trainer import Trainer
 
     path, overrides = split_args(args)
     cfg = load_config(path, overrides)
+    cfg.model.strict_kernels = cfg.model.strict_kernels or strict_kernels
     if auto or cfg.auto:
         apply_plan(cfg, gpu)
     elif gpu:

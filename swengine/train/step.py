@@ -23,16 +23,26 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], fused: bool = False) -> torch.Tensor:
-    """Mean next-token cross-entropy over label tokens that are not -100.
+def label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """How many tokens of a batch carry a loss (labels shifted by one, -100 ignored); counted on
+    the CPU tensors the batch stream makes, so no device sync."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], fused: bool = False,
+                   num_items: int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy over label tokens that are not -100: their mean, or with
+    ``num_items`` their sum divided by it (the label tokens of a whole optimizer step, so that
+    accumulated micro-batches weigh every token the same, as one large batch would).
 
     Unfused: transformers' own loss (logits upcast to fp32: ~14 B × tokens × vocab at its peak).
     Fused: the decoder's last hidden states go straight into
     :func:`swkernels.fused_linear_cross_entropy` with the LM head's weight (and Gemma-2's final
     soft-cap), so the (tokens × vocab) logits are never materialised. Same loss, same shift."""
     if not fused:
+        extra = {} if num_items is None else {"num_items_in_batch": num_items}
         out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                    position_ids=batch.get("position_ids"), labels=batch["labels"], use_cache=False)
+                    position_ids=batch.get("position_ids"), labels=batch["labels"], use_cache=False, **extra)
         return out.loss
     import swkernels
 
@@ -42,22 +52,29 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], fused
     labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # token t predicts t + 1
     head = lm.get_output_embeddings()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-    return swkernels.fused_linear_cross_entropy(hidden, head.weight, labels, softcap=softcap, bias=head.bias)
+    if num_items is None:
+        return swkernels.fused_linear_cross_entropy(hidden, head.weight, labels, softcap=softcap, bias=head.bias)
+    total = swkernels.fused_linear_cross_entropy(hidden, head.weight, labels, softcap=softcap, bias=head.bias,
+                                                 reduction="sum")
+    return total / num_items
 
 
 def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, autocast_dtype: torch.dtype | None,
                      loss_scale: float = 1.0, scaler: torch.amp.GradScaler | None = None,
-                     on_phase=None, fused_loss: bool = False) -> torch.Tensor:
+                     on_phase=None, fused_loss: bool = False, num_items: int | None = None) -> torch.Tensor:
     """Forward and backward of one micro-batch; gradients accumulate into ``.grad``.
 
-    ``loss_scale`` is 1/accumulation_steps. Returns the detached, unscaled loss. ``on_phase`` (a
-    callable taking "forward"/"backward") lets the planner label where memory peaks.
+    Token-weighted accumulation: with ``num_items`` (label tokens of the whole optimizer step) the
+    loss is this micro-batch's summed token losses / num_items, so the step's micro-batch losses
+    add up to the mean over all its tokens (``loss_scale`` stays 1). Without it, the mean of this
+    micro-batch times ``loss_scale``. Returns the detached, unscaled loss, left on the device.
+    ``on_phase`` (a callable taking "forward"/"backward") lets the planner label where memory peaks.
     """
     device_type = batch["input_ids"].device.type
     if on_phase:
         on_phase("forward")
     with autocast_context(device_type, autocast_dtype):
-        loss = causal_lm_loss(model, batch, fused_loss)
+        loss = causal_lm_loss(model, batch, fused_loss, num_items)
     if on_phase:
         on_phase("backward")
     scaled = loss * loss_scale

@@ -26,13 +26,19 @@ from swengine.data.dataset import Prepared, prepare
 from swengine.errors import UserError
 from swengine.model import load as model_load
 from swengine.model.adapter import load_adapter_into, save_adapter
-from swengine.model.checkpointing import enable_checkpointing
-from swengine.model.patch import LoraSpec, PatchHandle, patch
+from swengine.model.build import build_training_model
+from swengine.model.patch import LoraSpec
 from swengine.telemetry import MetricsLogger
 from swengine.train import checkpoint as ckpt
 from swengine.train.optim import build_optimizer
 from swengine.train.schedule import build_scheduler
-from swengine.train.step import autocast_context, causal_lm_loss, forward_backward, optimizer_step
+from swengine.train.step import (
+    autocast_context,
+    causal_lm_loss,
+    forward_backward,
+    label_tokens,
+    optimizer_step,
+)
 
 
 @dataclass
@@ -84,19 +90,14 @@ class Trainer:
         config = model_load.load_config(self.model_path, cfg.data.max_seq_len, cfg.context.rope_scaling)
         self.tokenizer = model_load.load_tokenizer(self.model_path)
         self.data: Prepared = prepare(cfg.data, self.tokenizer, train_path, eval_path, cfg.seed)
-        self.model = model_load.load_model(self.model_path, config, self.dtype, self.device, cfg.model.attention,
-                                           cfg.quantization.load_in_4bit, cfg.quantization.double_quant,
-                                           tuple(cfg.lora.targets))
         self.spec = LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets),
                              cfg.lora.use_rslora)
-        if cfg.lora.impl == "peft":
-            self._setup_peft()
-        else:
-            self.handle: PatchHandle = patch(self.model, self.spec, rope=True)
-            self.params = self.handle.trainable_parameters()
-        if cfg.checkpointing.gradient_checkpointing:
-            enable_checkpointing(self.model)
-        self.model.train()
+        quant = ("nf4-dq" if cfg.quantization.double_quant else "nf4") if cfg.quantization.load_in_4bit else "none"
+        built = build_training_model(config, self.spec, dtype=self.dtype, device=self.device, weights=self.model_path,
+                                     quant=quant, impl=cfg.lora.impl, attention=cfg.model.attention,
+                                     checkpointing=cfg.checkpointing.gradient_checkpointing,
+                                     strict_kernels=cfg.model.strict_kernels)
+        self.model, self.handle, self.params = built.model, built.handle, built.params
         self.autocast = self.dtype if self.device.type == "cuda" and self.dtype != torch.float32 else None
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and self.device.type == "cuda" else None
         o = cfg.optim
@@ -111,17 +112,6 @@ class Trainer:
         self.step = 0
         self.best_eval = math.inf
         self.best_path: Path | None = None
-
-    def _setup_peft(self) -> None:
-        from swengine.model.lora import apply_peft_lora
-        from swengine.model.patch import resolve_targets
-
-        self.model.requires_grad_(False)
-        targets = resolve_targets(self.model, self.spec.targets)
-        self.model = apply_peft_lora(self.model, rank=self.spec.rank, alpha=self.spec.alpha, targets=targets,
-                                     dropout=self.spec.dropout, use_rslora=self.spec.use_rslora)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.handle = None
 
     # ------------------------------------------------------------------ checkpoints
     def _save_adapter(self, directory: Path) -> None:
@@ -191,8 +181,8 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         for batch in eval_batches(self.data.eval, self.cfg.schedule.micro_batch_size, self.tokenizer.pad_token_id):
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            n = int((batch["labels"][:, 1:] != -100).sum())
+            n = label_tokens(batch)
+            batch = {k: v.to(self.device) for k, v in batch.items() if k != "real_tokens"}
             with autocast_context(self.device.type, self.autocast):
                 loss = causal_lm_loss(self.model, batch, self.cfg.fused_loss)
             total += float(loss) * n
@@ -297,20 +287,22 @@ class Trainer:
         return loss
 
     def _train_step(self) -> tuple[float, int, float | None]:
-        accum = self.cfg.schedule.grad_accumulation
-        losses, tokens = [], 0
-        for _ in range(accum):
-            batch = {k: v.to(self.device) for k, v in self.stream.next().items()}
-            tokens += batch["input_ids"].numel()
-            loss = forward_backward(self.model, batch, autocast_dtype=self.autocast, loss_scale=1.0 / accum,
-                                    scaler=self.scaler, fused_loss=self.cfg.fused_loss)
-            losses.append(float(loss))
+        """One optimizer step over ``grad_accumulation`` micro-batches, every label token weighted
+        alike. Micro-batch losses stay on the device; the step's loss is read once, at the end."""
+        batches = [self.stream.next() for _ in range(self.cfg.schedule.grad_accumulation)]
+        num_items = max(sum(label_tokens(b) for b in batches), 1)
+        tokens = sum(int(b.pop("real_tokens")) for b in batches)
+        total = None
+        for batch in batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            loss = forward_backward(self.model, batch, autocast_dtype=self.autocast, scaler=self.scaler,
+                                    fused_loss=self.cfg.fused_loss, num_items=num_items)
+            total = loss if total is None else total + loss
         norm = optimizer_step(self.optimizer, self.params, max_grad_norm=self.cfg.optim.max_grad_norm,
                               scaler=self.scaler)
         self.scheduler.step()
-        loss = sum(losses) / len(losses)
+        loss = float(total)
         if not math.isfinite(loss) and self.cfg.safety.enabled:
             raise UserError(f"loss became {loss} at step {self.step + 1}; lower optim.lr or check the data "
                             "(the last good checkpoint is kept)")
         return loss, tokens, None if norm is None else float(norm)
-

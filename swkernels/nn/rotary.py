@@ -15,6 +15,7 @@ arrives, so a 5K-token batch after a 9K one is rotated with the 9K frequencies.)
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -25,6 +26,17 @@ from swkernels.rope_scaling import RopeSpec, inv_freq_and_factor, rope_layer_typ
 log = logging.getLogger("swkernels")
 
 _LENGTH_DEPENDENT = ("dynamic", "longrope")
+
+
+class RopeArgs(NamedTuple):
+    """What a fused attention module needs to rotate q and k in one :func:`swkernels.apply_rope`
+    launch: returned by :class:`RotaryEmbedding` in place of (cos, sin) tables once ``fused`` is
+    set, so no (seq × dim) table is built. Three fields, so an unpatched attention that unpacks
+    ``cos, sin = position_embeddings`` fails loudly instead of rotating wrongly."""
+
+    position_ids: torch.Tensor
+    inv_freq: torch.Tensor
+    attention_factor: float
 
 
 class RotaryEmbedding(nn.Module):
@@ -50,6 +62,7 @@ class RotaryEmbedding(nn.Module):
             self.register_buffer(f"{prefix}original_inv_freq", inv_freq.clone().to(device), persistent=False)
             setattr(self, f"{prefix}attention_scaling", factor)
         self.max_seq_len_cached = self.original_max_seq_len = int(config.max_position_embeddings)
+        self.fused = False  # set by swengine's patch once every attention module rotates with apply_rope
         self._by_length: dict[tuple[str | None, int], tuple[torch.Tensor, float]] = {}
 
     @property
@@ -94,10 +107,13 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
-        """(cos, sin), each (B, T, rotary_dim) in x's dtype, times the attention factor."""
+        """(cos, sin), each (B, T, rotary_dim) in x's dtype, times the attention factor; or, with
+        ``fused`` set, :class:`RopeArgs` for the in-kernel rotation (no tables)."""
         spec = self._spec(layer_type)
         seq_len = int(position_ids.max()) + 1 if spec.rope_type in _LENGTH_DEPENDENT else None
         inv_freq, factor = self.inv_freq_for(seq_len, layer_type)
+        if self.fused:
+            return RopeArgs(position_ids, inv_freq, factor)
         cos, sin = rope_cos_sin(position_ids, inv_freq.to(x.device), factor)
         return cos.to(x.dtype), sin.to(x.dtype)
 
@@ -132,7 +148,10 @@ def _agrees(theirs: nn.Module, ours: RotaryEmbedding, device: torch.device) -> b
     x = torch.zeros(1, 16, 1, device=device)
     pos = torch.arange(16, device=device)[None]
     try:
+        theirs_types = getattr(theirs, "rope_type", None)
         for layer_type in ours.layer_types or [None]:
+            if isinstance(theirs_types, dict) and layer_type not in theirs_types:
+                continue  # transformers builds only the layer types the model has
             args = (x, pos) if layer_type is None else (x, pos, layer_type)
             for a, b in zip(ours(*args), theirs(*args), strict=True):
                 if a.shape != b.shape or not torch.allclose(a, b, atol=1e-6, rtol=1e-5):
