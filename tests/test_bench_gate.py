@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tools import bench_report
 
 
@@ -26,6 +28,7 @@ def _bench(json_path, env_extra):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_gate_fails_on_an_injected_slowdown(tmp_path):
     base, slow = tmp_path / "base.json", tmp_path / "slow.json"
     _bench(base, {})
@@ -36,6 +39,7 @@ def test_gate_fails_on_an_injected_slowdown(tmp_path):
     assert bench_report.main([str(slow), "--check", str(stored)]) == 1
 
 
+@pytest.mark.slow
 def test_report_renders_ratio_table(tmp_path, capsys):
     path = tmp_path / "r.json"
     _bench(path, {})
@@ -43,3 +47,17 @@ def test_report_renders_ratio_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| silu_mul fwd @ 256x2048 | swkernels-torch | torch-eager |" in out
     assert "×" in out
+
+
+def test_paired_timing_measures_the_ratio_and_the_report_prefers_it():
+    import time
+
+    from bench import harness
+
+    group = "probe @ sleep"
+    assert harness.paired_ratios(group, "base", harness.BASELINE, lambda: time.sleep(0.006)) == {}
+    paired = harness.paired_ratios(group, "ours", harness.OURS, lambda: time.sleep(0.002))
+    assert list(paired) == ["ours vs base"] and 2.0 < paired["ours vs base"] < 3.5
+    entries = [bench_report.Entry(group, "ours", "ours", 1.0, None, False, {"paired": paired}),
+               bench_report.Entry(group, "base", "baseline", 1.0, None, False, {})]
+    assert bench_report.ratios(entries) == {f"{group} :: ours vs base": paired["ours vs base"]}

@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import jsonschema
+import pytest
 
 from tests.utils import run_cli
 
@@ -32,6 +33,7 @@ def test_doctor_json_validates_against_the_spec():
         assert report["gpus"] == [] and report["nvml"]["error"]
 
 
+@pytest.mark.slow
 def test_doctor_kernels_json_validates_and_passes():
     env = {"TRITON_INTERPRET": "0"}
     proc = run_cli("doctor", "--json", "--kernels", "--arch", "89", env=env)

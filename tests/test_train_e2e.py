@@ -124,6 +124,7 @@ def test_other_families_train_and_load_in_peft(workdir, family):
     adapter_logits_match(model, out / "adapter")
 
 
+@pytest.mark.slow
 def test_qlora_path_runs_on_cpu_through_the_interpreted_kernels(workdir):
     """The GPU code path (Triton kernels, run by the interpreter) end to end, with an NF4 base."""
     model = make_model(workdir, "llama")

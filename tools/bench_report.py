@@ -49,12 +49,16 @@ def load(path: str) -> tuple[list[Entry], dict]:
 
 
 def ratios(entries: list[Entry]) -> dict[str, float]:
-    """{'group :: ours-provider vs baseline-provider': baseline_seconds / ours_seconds}."""
+    """{'group :: ours-provider vs baseline-provider': baseline_seconds / ours_seconds}; where the
+    harness timed the pair interleaved (CPU runs), the median of those per-pair ratios instead."""
     out = {}
     real = [e for e in entries if not e.smoke]
     for ours in (e for e in real if e.role == "ours"):
         for base in (e for e in real if e.role == "baseline" and e.group == ours.group):
             out[f"{ours.group} :: {ours.provider} vs {base.provider}"] = base.seconds / ours.seconds
+    for e in real:
+        for pair, ratio in e.info.get("paired", {}).items():
+            out[f"{e.group} :: {pair}"] = ratio
     return out
 
 
