@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short GPU session: the test suite on CUDA, the planner against real steps under emulated
+# One short GPU session: the whole-step and LoRA GEMM benchmarks first, then the test suite on CUDA, the planner against real steps under emulated
 # 8/12/16/24 GB cards, and the benchmark matrix (subset), every part under its own time limit so
 # that one slow part cannot hide the others' results. Everything lands in $OUT/gpu.tar.gz.
 #   OUT=/tmp/gpu-out bash tools/gpu_session.sh
@@ -10,7 +10,7 @@ set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 PARTS=${PARTS:-tests vram demo bench}
-BENCHES=${BENCHES:-losses rope silu step lora train}
+BENCHES=${BENCHES:-step lora losses rope silu train}
 R=/tmp/gpu-results
 mkdir -p "$R" "${OUT:?set OUT}"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -28,6 +28,20 @@ nvidia-smi > "$R/nvidia-smi.txt" 2>&1
 timeout 30 python3 -c "from swengine.cli import main; main()" doctor --json > "$R/doctor.json" 2> "$R/doctor.err"
 python3 -c "import torch, triton, transformers, peft; print(torch.__version__, triton.__version__, transformers.__version__, peft.__version__)
 import bitsandbytes; print('bnb', bitsandbytes.__version__)" 2>&1 | tee "$R/versions.txt"
+
+# benchmarks run alone, one file (or half) per pytest run: a timeout loses only that part
+bench() {  # name seconds pytest-args...
+  local name=$1 secs=$2; shift 2
+  timeout -k 5 "$secs" python3 -m pytest -q -p no:cacheprovider --benchmark-disable-gc \
+    --benchmark-json="$R/bench_$name.json" "$@" > "$R/bench_$name.log" 2>&1
+  echo "bench $name exit $?" | tee -a "$R/bench_$name.log"
+}
+# 0. the measurements nobody has yet, first and alone: the whole training step (ours vs
+# transformers+PEFT(+Liger), bf16 and NF4) and the fused LoRA / NF4-LoRA GEMMs vs PEFT and cuBLAS
+if has "$PARTS" bench; then
+  has "$BENCHES" step && bench step "${STEP_SECONDS:-150}" bench/test_train_step.py
+  has "$BENCHES" lora && bench lora "${LORA_SECONDS:-90}" bench/test_lora.py -k "${LORA_K:-T8192}"
+fi
 
 # 1. tests, the planner check and the demo side by side (correctness; timings come later, alone)
 pids=()
@@ -51,19 +65,10 @@ for p in "${pids[@]}"; do wait "$p"; echo "part $p exit $?"; done
 grep -c ^PASSED "$R/tests_outcomes.txt" 2>/dev/null; grep "^FAILED\|^ERROR" "$R/tests_outcomes.txt" 2>/dev/null | head -50
 tail -n 5 "$R/tests.log" 2>/dev/null; cat "$R/vram_check.log" 2>/dev/null; tail -n 5 "$R/demo_train.log" 2>/dev/null
 
-# 2. benchmarks, alone, one file (or half) per pytest run: a timeout loses only that part
-bench() {  # name seconds pytest-args...
-  local name=$1 secs=$2; shift 2
-  timeout -k 5 "$secs" python3 -m pytest -q -p no:cacheprovider --benchmark-disable-gc \
-    --benchmark-json="$R/bench_$name.json" "$@" > "$R/bench_$name.log" 2>&1
-  echo "bench $name exit $?" | tee -a "$R/bench_$name.log"
-}
 if has "$PARTS" bench; then
   has "$BENCHES" losses && bench losses 40 bench/test_losses.py
   has "$BENCHES" rope && bench rope 30 bench/test_rope.py
   has "$BENCHES" silu && bench silu 20 bench/test_silu_mul.py
-  has "$BENCHES" step && bench step "${STEP_SECONDS:-60}" bench/test_train_step.py
-  has "$BENCHES" lora && bench lora "${LORA_SECONDS:-70}" bench/test_lora.py -k "${LORA_K:-T8192}"
   has "$BENCHES" train && bench train 40 bench/test_train.py
   for f in "$R"/bench_*.json; do [ -s "$f" ] && python3 tools/bench_report.py "$f" >> "$R/report.md" 2>&1; done
   cat "$R/report.md" 2>/dev/null

@@ -28,16 +28,11 @@ also miscomputes bf16 arithmetic, so never skip the upcast).
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from swkernels import reference
-from swkernels._backend import select_backend
-from swkernels.registry import KernelSpec, register
-
-BLOCK = 1024
-NUM_WARPS = 4
+from swkernels.ops._gated import define_gated_op
 
 # In the kernels: 1.5957691216057308 = 2·√(2/π), 0.044715 = c, 0.134145 = 3c.
 
@@ -79,73 +74,8 @@ def _gelu_mul_bwd_kernel(
     tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
 
 
-register(
-    KernelSpec("gelu_mul", _gelu_mul_fwd_kernel, {"g_ptr": "*{dtype}", "u_ptr": "*{dtype}", "h_ptr": "*{dtype}",
-               "n": "i64", "BLOCK": "constexpr"}, {"BLOCK": BLOCK}, num_warps=NUM_WARPS),
-    KernelSpec("gelu_mul", _gelu_mul_bwd_kernel, {"dh_ptr": "*{dtype}", "g_ptr": "*{dtype}", "u_ptr": "*{dtype}",
-               "dg_ptr": "*{dtype}", "du_ptr": "*{dtype}", "n": "i64", "BLOCK": "constexpr"},
-               {"BLOCK": BLOCK}, num_warps=NUM_WARPS),
-)
 
-
-def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
-    if gate.shape != up.shape:
-        raise ValueError(f"gelu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
-    if gate.dtype != up.dtype or gate.device != up.device:
-        raise ValueError(f"gelu_mul: gate and up must share dtype and device, got {gate.dtype}/{up.dtype}, "
-                         f"{gate.device}/{up.device}")
-
-
-def _grid(n: int) -> tuple[int]:
-    return (triton.cdiv(n, BLOCK),)
-
-
-@torch.library.custom_op("swkernels::gelu_mul", mutates_args=())
-def _gelu_mul_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    g, u = gate.contiguous(), up.contiguous()
-    h = torch.empty_like(g)
-    if g.numel():
-        _gelu_mul_fwd_kernel[_grid(g.numel())](g, u, h, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return h
-
-
-@_gelu_mul_op.register_fake
-def _(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(gate, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("swkernels::gelu_mul_backward", mutates_args=())
-def _gelu_mul_bwd_op(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dh, g, u = grad.contiguous(), gate.contiguous(), up.contiguous()
-    dg, du = torch.empty_like(g), torch.empty_like(u)
-    if g.numel():
-        _gelu_mul_bwd_kernel[_grid(g.numel())](dh, g, u, dg, du, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return dg, du
-
-
-@_gelu_mul_bwd_op.register_fake
-def _(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    fmt = torch.contiguous_format
-    return torch.empty_like(gate, memory_format=fmt), torch.empty_like(up, memory_format=fmt)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    gate, up = inputs
-    ctx.save_for_backward(gate, up)  # the activation is recomputed in backward, never stored
-
-
-def _backward(ctx, grad: torch.Tensor):
-    gate, up = ctx.saved_tensors
-    return _gelu_mul_bwd_op(grad, gate, up)
-
-
-_gelu_mul_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """GeGLU activation ``gelu_tanh(gate) * up`` (``F.gelu(gate, approximate="tanh") * up``, as in
-    Gemma's MLP) with a fused Triton forward and backward."""
-    _check(gate, up)
-    if select_backend("gelu_mul", gate) == "torch":
-        return reference.gelu_mul(gate, up)
-    return _gelu_mul_op(gate, up)
+_OP = define_gated_op("gelu_mul", _gelu_mul_fwd_kernel, _gelu_mul_bwd_kernel, reference.gelu_mul,
+                      """GeGLU activation ``gelu_tanh(gate) * up`` (``F.gelu(gate, approximate="tanh") * up``, as in
+Gemma's MLP) with a fused Triton forward and backward.""")
+_gelu_mul_op, _gelu_mul_bwd_op, gelu_mul = _OP.forward_op, _OP.backward_op, _OP.public
