@@ -61,3 +61,8 @@ def test_paired_timing_measures_the_ratio_and_the_report_prefers_it():
     entries = [bench_report.Entry(group, "ours", "ours", 1.0, None, False, {"paired": paired}),
                bench_report.Entry(group, "base", "baseline", 1.0, None, False, {})]
     assert bench_report.ratios(entries) == {f"{group} :: ours vs base": paired["ours vs base"]}
+
+
+def test_huge_speedups_are_gated_at_the_cap():
+    assert bench_report.check({"planner": 20_000.0}, {"planner": 75_000.0}, 0.25) == []
+    assert bench_report.check({"planner": 50.0}, {"planner": 75_000.0}, 0.25)[0].startswith("regression: planner")
