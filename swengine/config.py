@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -55,6 +56,9 @@ class DataConfig:
     train_on_prompt: bool = False  # False: loss only on completions / assistant turns
     eval_fraction: float = 0.05
     shuffle: bool = True
+    # a record longer than max_seq_len tokens: "truncate" it (the count is reported at run start),
+    # "drop" it (counted too), or stop with an "error" naming the first one
+    truncate: Literal["truncate", "drop", "error"] = "truncate"
 
 
 @dataclass
@@ -140,6 +144,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+MAX_SEED = 2**32 - 1  # numpy's limit (torch and random take it too)
+
 # ---------------------------------------------------------------- building from dicts
 
 def _type_name(tp) -> str:
@@ -171,16 +177,26 @@ def _coerce(value, tp, key: str):
         try:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise UserError(f"{key} must be a number (got {value!r})") from None
+        if math.isnan(number):
+            raise UserError(f"{key} must be a number (got {value!r})")
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise UserError(f"{key} must be a string (got {value!r})")
         return str(value)
     if origin is list:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()] if not value.startswith("[") else json.loads(value)
+            if value.startswith("["):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{key}={value!r} is not a valid JSON list ({exc.msg}); write a,b or "
+                                    "'[\"a\", \"b\"]'") from None
+            else:
+                value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise UserError(f"{key} must be a list (got {value!r})")
         (item,) = typing.get_args(tp)
@@ -261,10 +277,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"data.max_seq_len must be >= 8 (got {cfg.data.max_seq_len})")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise UserError(f"data.eval_fraction must be in [0, 1) (got {cfg.data.eval_fraction})")
-    if cfg.optim.lr <= 0:
-        raise UserError(f"optim.lr must be > 0 (got {cfg.optim.lr})")
+    if not math.isfinite(cfg.optim.lr) or cfg.optim.lr <= 0:
+        raise UserError(f"optim.lr must be a finite number > 0 (got {cfg.optim.lr}); typical values are 1e-5 to 5e-4")
+    for name in ("weight_decay", "eps", "max_grad_norm"):
+        value = getattr(cfg.optim, name)
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"optim.{name} must be a finite number >= 0 (got {value})")
+    if not math.isfinite(cfg.lora.alpha):
+        raise UserError(f"lora.alpha must be finite (got {cfg.lora.alpha})")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise UserError(f"seed must be an integer from 0 to {MAX_SEED} (got {cfg.seed})")
     if len(cfg.optim.betas) != 2:
         raise UserError(f"optim.betas needs two values (got {cfg.optim.betas})")
+    if not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise UserError(f"optim.betas must be in [0, 1) (got {cfg.optim.betas})")
     s = cfg.schedule
     if s.max_steps < 1 and s.epochs <= 0:
         raise UserError("schedule.max_steps must be >= 1 (or set schedule.epochs)")
@@ -289,7 +315,11 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise UserError(f"config file {path} not found")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path} is not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(data, dict):

@@ -111,3 +111,120 @@ def test_prepare_splits_and_counts(tmp_path, tok):
     assert prep.format == "prompt_completion" and prep.train_examples == 30 and len(prep.eval) == 10
     assert all(len(r.input_ids) == 64 for r in prep.train)
     assert torch.tensor([r.labels for r in prep.eval[:1]]).ne(IGNORE).sum() > 0
+
+
+# ---------------------------------------------------------------- issue 13, item 7: reader, field types, truncation
+
+def test_jsonl_splits_records_on_newline_only(tmp_path, tok):
+    rows = [{"text": "one\u2028line"}, {"text": "next\u0085line\x0bx\x0cy\x1c\x1d\x1e"}, {"text": "plain"}]
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n\n", encoding="utf-8")
+    assert read_records(str(p)) == rows
+    prep = prepare(DataConfig(max_seq_len=64, eval_fraction=0), tok, str(p), "", 0)
+    assert prep.train_examples == 3
+
+
+def test_utf8_bom_and_non_utf8_data(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "a"}).encode() + b"\n")
+    assert read_records(str(p)) == [{"text": "a"}]
+    for suffix in ("jsonl", "json", "txt"):
+        bad = tmp_path / f"latin1.{suffix}"
+        bad.write_bytes(b'{"text": "ok"}\n' + '{"text": "caf\xe9"}\n'.encode("latin-1"))
+        with pytest.raises(UserError, match=rf"latin1.{suffix}:2 is not UTF-8 text"):
+            read_records(str(bad))
+
+
+@pytest.mark.parametrize("record,needle", [
+    ({"text": None}, "field 'text' is null"),
+    ({"text": ["x"]}, "field 'text' is a list"),
+    ({"text": 3}, "field 'text' is a int"),
+    ({"prompt": "p", "completion": None}, "field 'completion' is null"),
+    ({"instruction": "i", "input": 5, "output": "o"}, "field 'input' is a int"),
+    ({"instruction": {"a": 1}, "output": "o"}, "field 'instruction' is an object"),
+    ({"messages": None}, "field 'messages' is null"),
+    ({"messages": []}, "field 'messages' is empty"),
+    ({"messages": [{"role": "user", "content": None}]}, r"messages\[0\].content is null"),
+    ({"messages": [{"role": "user"}]}, r"messages\[0\] must be an object with 'role' and 'content'"),
+])
+def test_null_or_non_string_fields_name_file_and_line(tmp_path, tok, record, needle):
+    p = tmp_path / "d.jsonl"
+    good = {k: ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] if k == "messages" else "x")
+            for k in record}
+    good.setdefault("output", "o") if "instruction" in record else None
+    p.write_text(json.dumps(good) + "\n\n" + json.dumps(record) + "\n")
+    with pytest.raises(UserError, match=rf"d.jsonl:3: {needle}"):
+        prepare(DataConfig(max_seq_len=64), tok, str(p), "", 0)
+
+
+def _long_data(tmp_path, n_long=3, n_short=20, n_long_prompt=0):
+    p = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"Repeat: cat {i}", "completion": f"cat {i}"} for i in range(n_short)]
+    for i in range(n_long):
+        rows.insert(5 + i, {"prompt": "Repeat: dog", "completion": "cat " * 60})
+    for _ in range(n_long_prompt):  # truncation leaves nothing to learn
+        rows.append({"prompt": "Repeat: " + "dog " * 60, "completion": "cat"})
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+def test_truncate_default_truncates_and_counts(tmp_path, tok):
+    p = _long_data(tmp_path, n_long_prompt=1)
+    prep = prepare(DataConfig(max_seq_len=32, eval_fraction=0, packing=False), tok, str(p), "", 0)
+    assert DataConfig().truncate == "truncate"
+    assert prep.truncated == 3 and prep.dropped == 1 and prep.train_examples == 23
+    assert max(len(r.input_ids) for r in prep.train) == 32
+    assert prep.length_summary.startswith("3 training records truncated, 1 training record dropped (longer than "
+                                          "data.max_seq_len=32")
+    fits = prepare(DataConfig(max_seq_len=512, eval_fraction=0), tok, str(p), "", 0)
+    assert fits.truncated == 0 and fits.length_summary == ""
+
+
+def test_truncate_drop_leaves_long_records_out(tmp_path, tok):
+    p = _long_data(tmp_path)
+    prep = prepare(DataConfig(max_seq_len=32, eval_fraction=0, packing=False, truncate="drop"), tok, str(p), "", 0)
+    assert prep.dropped == 3 and prep.truncated == 0 and prep.train_examples == 20
+    assert max(len(r.input_ids) for r in prep.train) < 32
+    assert "3 training records dropped" in prep.length_summary
+    only_long = tmp_path / "long.jsonl"
+    only_long.write_text(json.dumps({"text": "cat " * 100}) + "\n")
+    with pytest.raises(UserError, match="data.truncate=drop left none"):
+        prepare(DataConfig(max_seq_len=32, eval_fraction=0, truncate="drop"), tok, str(only_long), "", 0)
+
+
+def test_truncate_error_names_the_count_and_the_first(tmp_path, tok):
+    p = _long_data(tmp_path)
+    with pytest.raises(UserError, match=r"3 of 23 training records are longer than data.max_seq_len=32 tokens "
+                                        r"\(first: .*d.jsonl:6, \d+ tokens\)"):
+        prepare(DataConfig(max_seq_len=32, eval_fraction=0, truncate="error"), tok, str(p), "", 0)
+    assert prepare(DataConfig(max_seq_len=512, eval_fraction=0, truncate="error"), tok, str(p), "", 0).truncated == 0
+
+
+def test_truncate_applies_to_eval_records(tmp_path, tok):
+    p = _long_data(tmp_path, n_long=0)
+    ev = _long_data(tmp_path / "..", n_long=2, n_short=3)
+    prep = prepare(DataConfig(max_seq_len=32, truncate="drop"), tok, str(p), str(ev), 0)
+    assert prep.eval_truncated == 2 and len(prep.eval) == 3 and "2 eval records dropped" in prep.length_summary
+
+
+def test_run_start_line_reports_truncated_records(tmp_path):
+    """The truncation count reaches the user: run-start line and telemetry."""
+    import swkernels
+    from swengine.config import load_config
+    from swengine.model.load import DEMO_TRAIN
+    from swengine.telemetry import read_events
+    from swengine.train.trainer import Trainer
+
+    data = tmp_path / "long.jsonl"
+    rows = DEMO_TRAIN.read_text().splitlines()[:40]
+    data.write_text("\n".join(rows) + "\n")
+    lines = []
+    cfg = load_config(None, [f"data.train={data}", f"output_dir={tmp_path / 'run'}", "data.max_seq_len=12", "data.train_on_prompt=true",
+                             "schedule.max_steps=1", "logging.eval_every=0", "checkpointing.save_every=0",
+                             "data.eval_fraction=0.1"])
+    with swkernels.force_backend("torch"):  # the loop, not the interpreted kernels, is under test
+        Trainer(cfg, log=lines.append).run()
+    start = next(line for line in lines if "training rows" in line)
+    assert "training records truncated" in start and "(longer than data.max_seq_len=12; data.truncate=truncate)" in start
+    [event] = read_events(tmp_path / "run" / "metrics.jsonl", "run_start")
+    assert event["truncated_records"] > 0

@@ -50,13 +50,48 @@ def detect_format(record: dict, requested: str = "auto", text_field: str = "text
                     f"'{text_field}' (text), 'instruction'+'output' (alpaca), 'prompt'+'completion', 'messages'")
 
 
-def check_fields(records: list[dict], fmt: str, source: str, text_field: str = "text") -> None:
+def _kind(value) -> str:
+    return "null" if value is None else {dict: "an object", list: "a list", bool: "a boolean"}.get(
+        type(value), f"a {type(value).__name__}")
+
+
+def _field_error(record: dict, fmt: str, text_field: str) -> str | None:
+    """Why a record's fields have the wrong types (None if they are fine): every trained or prompted
+    field must be a string, never null, a number or a list (which would train on "None" / "['x']")."""
+    strings = {"text": (text_field,), "alpaca": ("instruction", "output"),
+               "prompt_completion": ("prompt", "completion")}.get(fmt, ())
+    for name in strings:
+        if not isinstance(record[name], str):
+            return f"field {name!r} is {_kind(record[name])}; it must be a string"
+    if fmt == "alpaca" and record.get("input") is not None and not isinstance(record["input"], str):
+        return f"field 'input' is {_kind(record['input'])}; it must be a string (or absent)"
+    if fmt == "messages":
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            return f"field 'messages' is {_kind(messages) if messages != [] else 'empty'}; it must be a non-empty list"
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                return f"messages[{j}] must be an object with 'role' and 'content'"
+            for name in ("role", "content"):
+                if not isinstance(m[name], str):
+                    return f"messages[{j}].{name} is {_kind(m[name])}; it must be a string"
+    return None
+
+
+def check_fields(records: list[dict], fmt: str, source: str, text_field: str = "text",
+                 where: list[str] | None = None) -> None:
+    """Every record has its format's fields, as strings. ``where`` names each record (file:line)."""
     needed = (text_field,) if fmt == "text" else REQUIRED[fmt]
     for i, r in enumerate(records):
+        at = where[i] if where else f"{source}: record {i}"
         missing = [f for f in needed if f not in r]
         if missing:
-            raise UserError(f"{source}: record {i} has no {', '.join(repr(m) for m in missing)} field "
+            line = f" at {at}" if where else ""
+            raise UserError(f"{source}: record {i} has no {', '.join(repr(m) for m in missing)} field{line} "
                             f"(format {fmt} needs {', '.join(needed)}; it has {', '.join(sorted(r)) or 'none'})")
+        problem = _field_error(r, fmt, text_field)
+        if problem:
+            raise UserError(f"{at}: {problem} (format {fmt})")
 
 
 def _has_template(tokenizer) -> bool:
@@ -99,7 +134,7 @@ def _plain_example(tokenizer, prompt: str, answer: str, train_on_prompt: bool) -
 
 def to_example(record: dict, fmt: str, tokenizer, *, train_on_prompt: bool = False, text_field: str = "text") -> Example:
     if fmt == "text":
-        ids = tokenizer(str(record[text_field]), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(record[text_field], add_special_tokens=False)["input_ids"]
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         ids = bos + ids + eos

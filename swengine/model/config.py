@@ -22,14 +22,23 @@ def load_model_config(model: str) -> PretrainedConfig:
             raise UserError(f"{model} is a directory without config.json; point --model at a Hugging Face model directory")
     if path.is_file():
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text; is it a Hugging Face config.json?") from None
         except json.JSONDecodeError as exc:
             raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; is it a Hugging Face "
+                            "config.json?")
         model_type = data.get("model_type")
-        if not model_type:
+        if not model_type or not isinstance(model_type, str):
             raise UserError(f"{path} has no model_type; is it a Hugging Face config.json?")
         check_family(model_type)
-        return AutoConfig.for_model(**data)
+        try:
+            return AutoConfig.for_model(**data)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{path}: transformers cannot read this config "
+                            f"({(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
     key = preset_key(model)
     if key is None:
         raise UserError(f"unknown model {model!r}: not a local directory or config.json, and not a preset "

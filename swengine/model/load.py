@@ -3,6 +3,7 @@ NF4 (QLoRA, via bitsandbytes), our attention entry, and optional RoPE context ex
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -53,18 +54,60 @@ def model_path(path: str) -> str:
     raise UserError(f"model path {path} not found; set model.path to a local model directory or a hub id")
 
 
+def _check_local_config(path: str) -> None:
+    """A local config.json must be a UTF-8 JSON object naming a supported ``model_type``; say so in
+    one line before transformers raises its own multi-line errors."""
+    cfg = Path(path).expanduser() / "config.json"
+    if not cfg.is_file():
+        return  # a hub id: from_pretrained fetches it (or says it cannot)
+    try:
+        data = json.loads(cfg.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{cfg} is not UTF-8 text; is it a Hugging Face config.json?") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{cfg} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{cfg} holds a JSON {type(data).__name__}, not an object; is it a Hugging Face config.json?")
+    model_type = data.get("model_type")
+    if not model_type:
+        raise UserError(f"{cfg} has no model_type; is it a Hugging Face config.json? "
+                        f"(supported families: {', '.join(FAMILIES)})")
+    if model_type not in FAMILIES:
+        raise UserError(f"unsupported architecture {model_type!r} in {path}; supported families: {', '.join(FAMILIES)}")
+
+
+def rope_types() -> list[str]:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    return ["default", *ROPE_INIT_FUNCTIONS]
+
+
+def _rope_params(rope_scaling: dict) -> dict:
+    """context.rope_scaling checked: a known rope_type and a finite factor > 0."""
+    params = dict(rope_scaling)
+    params.setdefault("rope_type", params.pop("type", None) or "linear")
+    known = rope_types()
+    if params["rope_type"] not in known:
+        raise UserError(f"context.rope_scaling: unknown rope_type {params['rope_type']!r}; choose one of: "
+                        f"{', '.join(known)}")
+    factor = params.get("factor", 1.0)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+        raise UserError(f"context.rope_scaling: factor must be a finite number > 0 (got {factor!r})")
+    return params
+
+
 def load_config(path: str, max_seq_len: int, rope_scaling: dict):
+    _check_local_config(path)
     try:
         config = AutoConfig.from_pretrained(path)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the config of {path}: {str(exc).splitlines()[0]}") from None
     if config.model_type not in FAMILIES:
         raise UserError(f"unsupported architecture {config.model_type!r} in {path}; supported families: "
                         f"{', '.join(FAMILIES)}")
     limit = config.max_position_embeddings
     if rope_scaling:
-        params = dict(rope_scaling)
-        params.setdefault("rope_type", params.pop("type", None) or "linear")
+        params = _rope_params(rope_scaling)
         params.setdefault("rope_theta", getattr(config, "rope_parameters", {}).get("rope_theta", 10000.0))
         if params["rope_type"] in ("yarn", "llama3", "longrope"):
             params.setdefault("original_max_position_embeddings", limit)
@@ -89,6 +132,19 @@ def load_tokenizer(path: str):
     return tok
 
 
+def from_pretrained_checked(path: str, **kwargs):
+    """AutoModelForCausalLM.from_pretrained with unreadable weights (missing, truncated, corrupt
+    safetensors) as one line naming the directory."""
+    from safetensors import SafetensorError
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, SafetensorError, EOFError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot load model weights from {path}: {first} (is a weights file truncated or "
+                        "corrupt? re-download or re-save the model)") from None
+
+
 def load_model(path: str, config, dtype: torch.dtype, device: torch.device, attention: str = "sdpa",
                load_in_4bit: bool = False, double_quant: bool = True, targets: tuple[str, ...] = ("all-linear",)):
     from swengine.model.patch import resolve_targets
@@ -101,10 +157,7 @@ def load_model(path: str, config, dtype: torch.dtype, device: torch.device, atte
         except ImportError:
             raise UserError("model.attention=flash needs flash-attn: pip install 'swengine[flash]' (CUDA only)") from None
         attn = "flash_attention_2"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn)
-    except OSError as exc:
-        raise UserError(f"cannot load model weights from {path}: {str(exc).splitlines()[0]}") from None
+    model = from_pretrained_checked(path, config=config, dtype=dtype, attn_implementation=attn)
     if load_in_4bit:
         quantize_nf4_(model, resolve_targets(model, targets), double_quant=double_quant, compute_dtype=dtype)
     return model.to(device)

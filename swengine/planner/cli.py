@@ -2,24 +2,47 @@
 
 from __future__ import annotations
 
+import math
+
 from swengine.errors import UserError
 from swengine.planner.search import GiB, Plan, max_context, plan
 from swengine.planner.setup import Setup, Teacher
+
+MAX_VRAM_GIB = 1 << 20  # 1 PiB: anything larger is a typo
+
+
+def check_vram(vram_gib: float) -> None:
+    """--vram must be a finite number of GiB > 0 (0, negative, nan and inf are errors, never ignored)."""
+    if not math.isfinite(vram_gib) or vram_gib <= 0:
+        raise UserError(f"--vram must be > 0 GiB (got {vram_gib:g}); e.g. --vram 24")
+    if vram_gib > MAX_VRAM_GIB or int(vram_gib * GiB) < 1:
+        raise UserError(f"--vram {vram_gib:g} GiB is not a plausible GPU memory size; give it in GiB, e.g. --vram 24")
+
+
+def seq_len_warnings(config, seq_len: int) -> list[str]:
+    """A sequence longer than the model's positions trains only with context extension: say so."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        factor = -(-seq_len // limit)
+        return [f"--seq-len {seq_len} exceeds the model's max_position_embeddings={limit}: memory is planned, but "
+                f"training at this length needs context extension, e.g. context.rope_scaling="
+                f"'{{\"rope_type\": \"yarn\", \"factor\": {factor}}}'"]
+    return []
 
 
 def resolve_gpu(gpu: str | None, vram_gib: float | None) -> tuple[str, int, float | None]:
     """(display name, VRAM bytes, peak tensor TFLOP/s or None) from --gpu/--vram or the detected GPU."""
     from swengine.hardware import GPU_PROFILES, detect_gpus, profile_for, visible_gpus
 
+    if vram_gib is not None:
+        check_vram(vram_gib)
     if gpu:
         prof = profile_for(gpu)
         if prof is None:
             raise UserError(f"unknown GPU {gpu!r}; known: {', '.join(GPU_PROFILES)} (or give --vram GIB)")
-        vram = int(vram_gib * GiB) if vram_gib else prof.vram_bytes
+        vram = int(vram_gib * GiB) if vram_gib is not None else prof.vram_bytes
         return prof.name, vram, prof.tensor_tflops
-    if vram_gib:
-        if vram_gib <= 0:
-            raise UserError(f"--vram must be positive (got {vram_gib})")
+    if vram_gib is not None:
         return f"a {vram_gib:g} GiB GPU", int(vram_gib * GiB), None
     report = detect_gpus()
     gpus = visible_gpus(report.gpus)
@@ -40,6 +63,8 @@ def make_plan(model: str, *, gpu: str | None = None, vram_gib: float | None = No
     config = load_model_config(model)
     if seq_len < 1:
         raise UserError(f"--seq-len must be >= 1 (got {seq_len})")
+    if batch < 1:
+        raise UserError(f"--batch must be >= 1 (got {batch})")
     if rank is not None and rank < 1:
         raise UserError(f"--rank must be >= 1 (got {rank})")
     if teacher:
@@ -51,4 +76,8 @@ def make_plan(model: str, *, gpu: str | None = None, vram_gib: float | None = No
                   qlora=qlora, base=base, peak_tflops=tflops)
     if want_max_context and result.estimate is not None:
         result.max_context = max_context(config, result.estimate.setup, vram)
+    limit = getattr(config, "max_position_embeddings", None)
+    # report.to_dict/render read these two (Plan itself lives in search.py)
+    result.max_position_embeddings = limit if isinstance(limit, int) else None
+    result.warnings = seq_len_warnings(config, seq_len)
     return result

@@ -41,6 +41,8 @@ def to_dict(p: Plan) -> dict:
         "notes": list(e.notes) if e else [],
         "minimum_vram_bytes": p.minimum_vram_bytes,
         "max_context": p.max_context,
+        "max_position_embeddings": getattr(p, "max_position_embeddings", None),
+        "warnings": list(getattr(p, "warnings", [])),
     }
 
 
@@ -55,6 +57,8 @@ def render(p: Plan) -> str:
     e = p.estimate
     verdict = "FITS" if p.fits else "DOES NOT FIT"
     console.print(f"{p.model} on {p.gpu} ({p.vram_bytes / GiB:.1f} GiB), seq_len {p.seq_len}: {verdict}")
+    for warning in getattr(p, "warnings", []):
+        console.print(f"warning: {warning}", soft_wrap=True)
     table = Table(title="peak memory of one training step", show_lines=False)
     table.add_column("component")
     table.add_column("GiB", justify="right")
