@@ -46,8 +46,11 @@ def doctor(
 def plan(
     model: str = typer.Option(..., "--model", "-m", help="Preset (e.g. llama-3.1-8b), HF model directory, or config.json."),
     gpu: str = typer.Option(None, "--gpu", help="GPU to plan for, e.g. rtx-4090 (default: the detected GPU)."),
-    vram: float = typer.Option(None, "--vram", help="VRAM in GiB (overrides the GPU's, or plans for a bare size)."),
-    seq_len: int = typer.Option(2048, "--seq-len", help="Training sequence length in tokens."),
+    vram: float = typer.Option(None, "--vram", help="VRAM in GiB, > 0 (overrides the GPU's, or plans for a bare "
+                               "size)."),
+    seq_len: int = typer.Option(2048, "--seq-len", help="Training sequence length in tokens. Beyond the model's "
+                                "max_position_embeddings the memory is still planned (for context extension) but "
+                                "a warning line names the context.rope_scaling it needs (JSON: \"warnings\")."),
     batch: int = typer.Option(16, "--batch", help="Effective batch in sequences (micro-batch × accumulation)."),
     rank: int = typer.Option(None, "--rank", help="LoRA rank (default: the planner chooses)."),
     qlora: bool = typer.Option(None, "--qlora/--no-qlora", help="Force / forbid NF4 base weights (default: decide)."),
@@ -59,7 +62,11 @@ def plan(
     max_ctx: bool = typer.Option(False, "--max-context", help="Also report the longest sequence that fits."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (specs/plan.schema.json)."),
 ) -> None:
-    """Plan VRAM: memory breakdown, the fastest setup that fits, and a fits / does-not-fit verdict."""
+    """Plan VRAM: memory breakdown, the fastest setup that fits, and a fits / does-not-fit verdict.
+
+    Exit 0: fits; 1: does not fit; 2: bad input (one line). A --seq-len beyond the model's
+    max_position_embeddings is planned but warned about: training at that length needs
+    context.rope_scaling."""
     from swengine.planner.cli import make_plan
     from swengine.planner.report import render, to_dict
 
@@ -82,11 +89,21 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config (and plan) and stop."),
     strict_kernels: bool = typer.Option(False, "--strict-kernels", help="Fail instead of warning when a layer "
                                         "cannot run on swkernels (same as model.strict_kernels=true)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start a new run in a used output_dir; the old run "
+                                   "is moved to output_dir/archive/<time>/, never deleted."),
 ) -> None:
-    """Fine-tune with LoRA/QLoRA. With no arguments: the embedded offline demo (tiny model, CPU-friendly)."""
+    """Fine-tune with LoRA/QLoRA. With no arguments: the embedded offline demo (tiny model, CPU-friendly).
+    Exit codes: 2 bad input, 3 stopped by a failure (e.g. disk full), 130/143 stopped by SIGINT/SIGTERM
+    (a checkpoint was saved; continue with --resume auto)."""
     from swengine.train.cli import run_train
+    from swengine.train.stops import RunStopped
 
-    run_train(args or [], resume=resume, auto=auto or None, gpu=gpu, dry_run=dry_run, strict_kernels=strict_kernels)
+    try:
+        run_train(args or [], resume=resume, auto=auto or None, gpu=gpu, dry_run=dry_run,
+                  strict_kernels=strict_kernels, overwrite=overwrite)
+    except RunStopped as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(exc.code) from None
 
 
 @app.command()
@@ -95,11 +112,16 @@ def merge(
     out: str = typer.Option(..., "--out", help="Where to write the merged model."),
     base: str = typer.Option(None, "--base", help="Base model path (default: the adapter's base_model_name_or_path)."),
     dtype: str = typer.Option("fp32", "--dtype", help="Weights dtype of the merged model: fp32, bf16 or fp16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out (never the base model's "
+                                   "directory)."),
 ) -> None:
-    """Merge a LoRA adapter into its base model and save a model transformers loads directly."""
+    """Merge a LoRA adapter into its base model and save a model transformers loads directly.
+
+    The model is written to a temporary sibling of --out and renamed into place, so a failed merge
+    leaves no partial model and an existing --out intact."""
     from swengine.train.merge import merge as do_merge
 
-    path = do_merge(run_or_adapter, out, base, dtype)
+    path = do_merge(run_or_adapter, out, base, dtype, overwrite=overwrite)
     typer.echo(f"merged model written to {path}  (AutoModelForCausalLM.from_pretrained({str(path)!r}))")
 
 

@@ -49,7 +49,7 @@ def apply_plan(cfg: TrainConfig, gpu: str | None) -> None:
 
 
 def run_train(args: list[str], resume: str | None, auto: bool | None, gpu: str | None, dry_run: bool,
-              strict_kernels: bool = False) -> None:
+              strict_kernels: bool = False, overwrite: bool = False) -> None:
     from swengine.train.trainer import Trainer
 
     path, overrides = split_args(args)
@@ -62,7 +62,7 @@ def run_train(args: list[str], resume: str | None, auto: bool | None, gpu: str |
     if dry_run:
         typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
         return
-    result = Trainer(cfg, resume=resume, log=typer.echo).run()
+    result = Trainer(cfg, resume=resume, log=typer.echo, overwrite=overwrite).run()
     out = Path(result.output_dir)
     typer.echo("")
     if result.first_eval_loss is not None and result.eval_loss is not None:

@@ -2,16 +2,26 @@
 
 setup (seeds, device, dtype, data, model, patch, optimizer, schedule) → steps of gradient
 accumulation (:mod:`swengine.train.step`) → telemetry every ``logging.every`` steps, eval every
-``logging.eval_every``, atomic checkpoints every ``checkpointing.save_every`` (and on Ctrl-C),
-the final adapter in PEFT format under ``<output_dir>/adapter``.
+``logging.eval_every``, atomic checkpoints every ``checkpointing.save_every`` (and on SIGINT or
+SIGTERM, at the next optimizer-step boundary), the final adapter in PEFT format under
+``<output_dir>/adapter``.
+
+A run owns its output_dir (:mod:`swengine.train.lock`): a second live run is refused, a used
+directory needs ``--resume`` or ``--overwrite`` (which archives the old run). Checkpoints are
+verified before loading (:mod:`swengine.train.checkpoint`); a full disk ends the run with exit 3
+and the last checkpoint intact (:mod:`swengine.train.stops`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
 import resource
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +40,7 @@ from swengine.model.build import build_training_model
 from swengine.model.patch import LoraSpec
 from swengine.telemetry import MetricsLogger
 from swengine.train import checkpoint as ckpt
+from swengine.train.lock import RunLock, check_output_dir, new_run_id
 from swengine.train.optim import build_optimizer
 from swengine.train.schedule import build_scheduler
 from swengine.train.step import (
@@ -39,6 +50,35 @@ from swengine.train.step import (
     label_tokens,
     optimizer_step,
 )
+from swengine.train.stops import FAILED, HardStop, RunStopped
+
+RUN_FILES = ("checkpoints", "metrics.jsonl", "adapter", "tensorboard")  # what --overwrite archives
+# Settings a checkpoint cannot be resumed under when they differ (shapes or meaning of the state).
+RESUME_KEYS = (("lora", "rank"), ("lora", "targets"), ("lora", "alpha"), ("lora", "use_rslora"), ("optim", "name"))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def _filesystem(path: Path) -> str:
+    """'SOURCE (MOUNTPOINT)' of the filesystem holding path, for disk-full messages."""
+    try:
+        p = Path(path).resolve()
+        while not p.exists():
+            p = p.parent
+        dev = p.stat().st_dev
+        while p.parent != p and p.parent.stat().st_dev == dev:
+            p = p.parent
+        source = None
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 1 and parts[1] == str(p):
+                    source = parts[0]
+        return f"{source} ({p})" if source else str(p)
+    except OSError:
+        return str(path)
 
 
 @dataclass
@@ -67,9 +107,18 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: str | None = None, log=print):
-        self.cfg, self.resume, self.log = cfg, resume, log
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, log=print, overwrite: bool = False):
+        self.cfg, self.resume, self.log, self.overwrite = cfg, resume, log, overwrite
         self.out = Path(cfg.output_dir)
+        self.run_id = new_run_id()
+        self.lineage = self.run_id  # kept across resumes: the checkpoints this run may prune
+        self.metrics = None
+        self._signals: list[int] = []
+        self._saving = False
+        self._last_ckpt: Path | None = None
+        self._last_ckpt_step: int | None = None
+        self._resumed_from: Path | None = None
+        self._in_update = False
 
     # ------------------------------------------------------------------ setup
     def _data_paths(self) -> tuple[str, str, bool]:
@@ -121,6 +170,13 @@ class Trainer:
             self.model.save_pretrained(str(directory))
 
     def save_checkpoint(self, kind: str = "periodic") -> Path:
+        self._saving = True
+        try:
+            return self._save_checkpoint(kind)
+        finally:
+            self._saving = False
+
+    def _save_checkpoint(self, kind: str) -> Path:
         final = self.out / "checkpoints" / ckpt.checkpoint_name(self.step)
 
         def write(tmp: Path) -> None:
@@ -133,16 +189,43 @@ class Trainer:
             (tmp / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             state = {"step": self.step, "total_steps": self.total_steps, "data": self.stream.state_dict(),
                      "best_eval": None if math.isinf(self.best_eval) else self.best_eval,
-                     "best_path": str(self.best_path) if self.best_path else None, "kind": kind}
+                     "best_path": str(self.best_path) if self.best_path else None, "kind": kind,
+                     "lineage": self.lineage, "run_id": self.run_id}
             (tmp / ckpt.STATE_NAME).write_text(json.dumps(state, indent=2))
 
-        path = ckpt.atomic_dir(final, write)
+        path = ckpt.atomic_dir(final, write, manifest=True)
+        self._last_ckpt, self._last_ckpt_step = path, self.step
         keep = {self.best_path} if (self.best_path and self.cfg.checkpointing.keep_best) else set()
-        ckpt.prune(self.out, self.cfg.checkpointing.keep_last, keep)
+        keep.add(path)
+        ckpt.prune(self.out, self.cfg.checkpointing.keep_last, keep, lineage=self.lineage)
         self.metrics.log("checkpoint", step=self.step, path=str(path), kind=kind)
+        self.metrics.sync()
         return path
 
+    def _check_compatible(self, path: Path) -> None:
+        try:
+            theirs = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return
+        ours = self.cfg.to_dict()
+        for section, key in RESUME_KEYS:
+            a, b = (theirs.get(section) or {}).get(key), ours[section][key]
+            if a is not None and a != b:
+                raise UserError(f"checkpoint {path} was written with {section}.{key}={a}, this run has "
+                                f"{section}.{key}={b}; resume with {section}.{key}={a}, or start over with "
+                                "--overwrite (the old run is archived)")
+
     def load_checkpoint(self, path: Path) -> None:
+        self._check_compatible(path)
+        try:
+            self._load_checkpoint(path)
+        except (UserError, HardStop):
+            raise
+        except Exception as exc:
+            detail = " ".join(str(exc).split())[:300]
+            raise UserError(f"cannot load checkpoint {path}: {type(exc).__name__}: {detail}") from None
+
+    def _load_checkpoint(self, path: Path) -> None:
         state = ckpt.read_state(path)
         if self.handle is not None:
             load_adapter_into(self.handle, path)
@@ -160,17 +243,116 @@ class Trainer:
         self.step = int(state["step"])
         self.best_eval = state["best_eval"] if state["best_eval"] is not None else math.inf
         self.best_path = Path(state["best_path"]) if state.get("best_path") else None
+        self.lineage = state.get("lineage") or self.lineage
+        self._last_ckpt, self._last_ckpt_step = path, self.step
 
     def _resume_path(self) -> Path | None:
         if not self.resume:
             return None
         if self.resume == "auto":
-            found = ckpt.list_checkpoints(self.out)
-            return found[-1] if found else None
+            return ckpt.newest_valid(self.out, self.log)
         p = Path(self.resume)
         if not (p / ckpt.STATE_NAME).is_file():
             raise UserError(f"--resume {self.resume}: not a checkpoint directory (no {ckpt.STATE_NAME})")
+        try:
+            ckpt.verify(p)
+        except ckpt.CheckpointError as exc:
+            raise UserError(f"--resume {self.resume}: checkpoint fails verification: {exc}; use --resume auto "
+                            "to take the newest valid one") from None
         return p
+
+    # ------------------------------------------------------------------ the output directory
+    def _claim_output_dir(self) -> None:
+        """Lock output_dir, clean debris of killed runs, refuse or archive a previous run."""
+        check_output_dir(self.out)
+        self.lock = RunLock(self.out, self.run_id)
+        self.lock.acquire(self.log)
+        try:
+            self._clean_and_check()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _clean_and_check(self) -> None:
+        n1, f1 = ckpt.clean_debris(self.out / "checkpoints")
+        n2, f2 = ckpt.clean_debris(self.out, (".tmp-adapter-", ".old-adapter-"))
+        if n1 + n2:
+            self.log(f"removed {n1 + n2} stale temporary checkpoint director{'y' if n1 + n2 == 1 else 'ies'} "
+                     f"({_mb(f1 + f2)}) left by an interrupted run")
+        used = [name for name in RUN_FILES if self._holds(name)]
+        if self.overwrite:
+            if self.resume:
+                raise UserError("--overwrite starts a new run and --resume continues one; use one of them")
+            if used:
+                archive = self.out / "archive" / time.strftime("%Y%m%d-%H%M%S")
+                while archive.exists():
+                    archive = archive.with_name(archive.name + "-1")
+                archive.mkdir(parents=True)
+                for name in used:
+                    os.replace(self.out / name, archive / name)
+                self.log(f"--overwrite: the previous run ({', '.join(used)}) was archived to {archive}")
+        elif used and not self.resume:
+            found = ckpt.all_step_dirs(self.out)
+            what = f"checkpoints up to {found[-1].name}" if found else ", ".join(used)
+            raise UserError(f"output_dir {self.out} already holds a run ({what}); continue it with --resume auto, "
+                            "or start over with --overwrite (the old run is archived, not deleted)")
+
+    def _holds(self, name: str) -> bool:
+        p = self.out / name
+        if name == "checkpoints":
+            return p.is_dir() and any(c.name.startswith(ckpt.PREFIX) for c in p.iterdir())
+        if name == "metrics.jsonl":
+            return p.is_file() and p.stat().st_size > 0
+        return p.exists()
+
+    # ------------------------------------------------------------------ signals
+    @contextlib.contextmanager
+    def _signal_handlers(self):
+        """SIGINT/SIGTERM: finish the current optimizer step, save a checkpoint, exit 128+signum.
+        A second signal waits for that; a third abandons it (the previous checkpoint stays)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, self._on_signal)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        self._signals.append(signum)
+        name = signal.Signals(signum).name
+        if len(self._signals) >= 3:
+            raise HardStop(self._signals[0])
+        if len(self._signals) == 1:
+            msg = (f"{name}: finishing the current step, then saving a checkpoint (a third signal abandons "
+                   "the save and keeps the previous checkpoint)")
+        else:
+            msg = (f"{name}: still {'saving the checkpoint' if self._saving else 'finishing the step'}, please "
+                   "wait; once more abandons it and keeps the previous checkpoint")
+        try:
+            os.write(1, (msg + "\n").encode())  # not print(): a handler may interrupt a print
+        except OSError:
+            pass
+
+    def _last_checkpoint_words(self) -> str:
+        found = ckpt.list_checkpoints(self.out)
+        last = found[-1] if found else self._last_ckpt
+        return f"the last checkpoint {last.name} is intact" if last else "no checkpoint had been saved yet"
+
+    def _end(self, status: str, **fields) -> None:
+        """run_end and close, best effort (the disk may be full)."""
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.log("run_end", step=self.step, status=status, **fields)
+        except OSError:
+            pass
+        self.metrics.close()
+        self.metrics = None
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -202,24 +384,60 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> RunResult:
+        self._claim_output_dir()
+        try:
+            with self._signal_handlers():
+                try:
+                    return self._run()
+                except HardStop as stop:
+                    self._end("interrupted")
+                    name = signal.Signals(stop.signum).name
+                    raise RunStopped(f"stopped by a third {name} at step {self.step}: nothing more was saved; "
+                                     f"{self._last_checkpoint_words()}", 128 + stop.signum) from None
+                except ckpt.WriteFailed as exc:
+                    self._end("failed")
+                    raise RunStopped(self._write_failed_words(exc), FAILED) from None
+                except OSError as exc:
+                    if exc.errno not in ckpt.NO_SPACE:
+                        raise
+                    self._end("failed")
+                    raise RunStopped(f"error: no space left on {_filesystem(self.out)}: freed 0.0 MB of partial "
+                                     f"output; {self._last_checkpoint_words()}", FAILED) from None
+                except BaseException:
+                    self._end("failed")
+                    raise
+        finally:
+            self.lock.release()
+
+    def _write_failed_words(self, exc: ckpt.WriteFailed) -> str:
+        if exc.no_space:
+            return (f"error: no space left on {_filesystem(exc.final)}: freed {_mb(exc.freed)} of partial output; "
+                    f"{self._last_checkpoint_words()}")
+        return (f"error: writing {exc.final} failed ({exc.cause.strerror or exc.cause}); removed its partial "
+                f"output ({_mb(exc.freed)}); {self._last_checkpoint_words()}")
+
+    def _run(self) -> RunResult:
         self.setup()
-        self.out.mkdir(parents=True, exist_ok=True)
         tb = self.out / "tensorboard" if self.cfg.logging.tensorboard else None
-        self.metrics = MetricsLogger(self.out / "metrics.jsonl", tb)
-        resume_from = self._resume_path()
+        resume_from = self._resumed_from = self._resume_path()
+        self.metrics = MetricsLogger(self.out / "metrics.jsonl", tb, run_id=self.run_id, log=self.log)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
             self.log(f"resumed from {resume_from} at step {self.step}")
         elif self.resume == "auto":
-            self.log("--resume auto: no checkpoint yet, starting fresh")
+            bad = ckpt.all_step_dirs(self.out)
+            self.log(f"--resume auto: no valid checkpoint ({len(bad)} skipped), starting fresh" if bad
+                     else "--resume auto: no checkpoint yet, starting fresh")
         n_params = sum(p.numel() for p in self.params)
         self.metrics.log("run_start", step=self.step, model=self.model_path, device=str(self.device),
                          dtype=str(self.dtype).replace("torch.", ""), trainable_params=n_params,
                          total_steps=self.total_steps, train_rows=len(self.data.train), eval_rows=len(self.data.eval),
                          data_format=self.data.format, resumed_from=str(resume_from) if resume_from else None,
-                         config=self.cfg.to_dict())
+                         lineage=self.lineage, pid=os.getpid(), truncated_records=self.data.truncated,
+                         dropped_records=self.data.dropped, config=self.cfg.to_dict())
+        lengths = f"; {self.data.length_summary}" if self.data.length_summary else ""
         self.log(f"{self.model_path}: {n_params:,} trainable LoRA parameters (rank {self.spec.rank}), "
-                 f"{len(self.data.train)} training rows ({self.data.format}), {self.total_steps} steps on "
+                 f"{len(self.data.train)} training rows ({self.data.format}{lengths}), {self.total_steps} steps on "
                  f"{self.device} in {str(self.dtype).replace('torch.', '')}")
         skill_before = self.skill_accuracy() if resume_from is None else None
         first_eval = self.evaluate() if resume_from is None else None
@@ -231,8 +449,9 @@ class Trainer:
         window_loss, window_tokens, window_start = [], 0, time.perf_counter()
         try:
             while self.step < self.total_steps:
-                loss, tokens, norm = self._train_step()
-                self.step += 1
+                if self._signals:
+                    self._stop_for_signal(last_loss, last_eval)
+                loss, tokens, norm = self._train_step()  # counts the step once it is complete
                 tokens_seen += tokens
                 window_loss.append(loss)
                 window_tokens += tokens
@@ -256,12 +475,15 @@ class Trainer:
                         and self.step < self.total_steps:
                     self.save_checkpoint()
         except KeyboardInterrupt:
-            status = "interrupted"
-            path = self.save_checkpoint("interrupted")
-            self.log(f"interrupted: checkpoint saved to {path}; continue with --resume auto")
-            self.metrics.log("run_end", step=self.step, status=status, train_loss=last_loss, eval_loss=last_eval)
-            self.metrics.close()
-            raise
+            # Only without our handler (not the main thread). Inside a step's forward/backward the
+            # step was rolled back; between steps the state is a step boundary: save and stop. In
+            # the optimizer update the parameters may be half updated, so nothing is saved.
+            if self._in_update:
+                self._end("interrupted")
+                raise RunStopped(f"interrupted during the optimizer update of step {self.step + 1}: not saved; "
+                                 f"{self._last_checkpoint_words()}", 130) from None
+            self._signals.append(signal.SIGINT)
+            self._stop_for_signal(last_loss, last_eval)
         if self.cfg.logging.eval_every == 0 or self.step % self.cfg.logging.eval_every:
             last_eval = self._eval_and_track()
         self.save_checkpoint("final")
@@ -269,11 +491,25 @@ class Trainer:
         ckpt.atomic_dir(adapter_dir, self._save_adapter)
         skill_after = self.skill_accuracy() if skill_before is not None else None
         elapsed = time.perf_counter() - start
-        self.metrics.log("run_end", step=self.step, status=status, train_loss=last_loss, eval_loss=last_eval,
-                         skill_before=skill_before, skill_after=skill_after)
-        self.metrics.close()
+        self._end(status, train_loss=last_loss, eval_loss=last_eval, skill_before=skill_before,
+                  skill_after=skill_after)
         return RunResult(self.out, adapter_dir, self.step, last_loss, last_eval, first_eval,
                          tokens_seen / max(elapsed, 1e-9), skill_before, skill_after)
+
+    def _stop_for_signal(self, last_loss: float | None, last_eval: float | None) -> None:
+        """At an optimizer-step boundary: save (unless this step is saved already) and stop."""
+        signum = self._signals[0]
+        if self._last_ckpt_step == self.step or (self._last_ckpt_step is None and self.step == 0):
+            path = self._last_ckpt  # nothing new since the last checkpoint (or since the start)
+        else:
+            path = self.save_checkpoint("interrupted")
+        self._end("interrupted", train_loss=last_loss, eval_loss=last_eval)
+        name = signal.Signals(signum).name
+        where = f"checkpoint {path} saved" if path else "no step had run, nothing to save"
+        if path is not None and path == self._resumed_from:
+            where = f"no step had run since {path}"
+        raise RunStopped(f"stopped by {name} at step {self.step}: {where}; continue with --resume auto",
+                         128 + signum)
 
     def _eval_and_track(self) -> float | None:
         loss = self.evaluate()
@@ -289,20 +525,30 @@ class Trainer:
     def _train_step(self) -> tuple[float, int, float | None]:
         """One optimizer step over ``grad_accumulation`` micro-batches, every label token weighted
         alike. Micro-batch losses stay on the device; the step's loss is read once, at the end."""
-        batches = [self.stream.next() for _ in range(self.cfg.schedule.grad_accumulation)]
-        num_items = max(sum(label_tokens(b) for b in batches), 1)
-        tokens = sum(int(b.pop("real_tokens")) for b in batches)
-        total = None
-        for batch in batches:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            loss = forward_backward(self.model, batch, autocast_dtype=self.autocast, scaler=self.scaler,
-                                    fused_loss=self.cfg.fused_loss, num_items=num_items)
-            total = loss if total is None else total + loss
+        data_before, rng_before = self.stream.state_dict(), ckpt.rng_state()
+        try:
+            batches = [self.stream.next() for _ in range(self.cfg.schedule.grad_accumulation)]
+            num_items = max(sum(label_tokens(b) for b in batches), 1)
+            tokens = sum(int(b.pop("real_tokens")) for b in batches)
+            total = None
+            for batch in batches:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                loss = forward_backward(self.model, batch, autocast_dtype=self.autocast, scaler=self.scaler,
+                                        fused_loss=self.cfg.fused_loss, num_items=num_items)
+                total = loss if total is None else total + loss
+        except KeyboardInterrupt:
+            self.stream.load_state_dict(data_before)
+            ckpt.set_rng_state(rng_before)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise  # the step is undone (data position, RNG, gradients): a checkpoint now resumes exactly
+        self._in_update = True
         norm = optimizer_step(self.optimizer, self.params, max_grad_norm=self.cfg.optim.max_grad_norm,
                               scaler=self.scaler)
         self.scheduler.step()
+        self.step += 1
+        self._in_update = False
         loss = float(total)
         if not math.isfinite(loss) and self.cfg.safety.enabled:
-            raise UserError(f"loss became {loss} at step {self.step + 1}; lower optim.lr or check the data "
+            raise UserError(f"loss became {loss} at step {self.step}; lower optim.lr or check the data "
                             "(the last good checkpoint is kept)")
         return loss, tokens, None if norm is None else float(norm)
