@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -159,7 +160,14 @@ def test_a_used_dir_needs_resume_or_overwrite_and_overwrite_archives(env, tmp_pa
 # ---------------------------------------------------------------- 2. exact resume after any stop
 
 
-@pytest.mark.parametrize("signum,at_call", [(signal.SIGINT, 5), (signal.SIGTERM, 8), (signal.SIGINT, 1)])
+# three fixed points (first micro-batch, a step's first, a step's last) and two drawn at random
+# (seeded, so a failure reproduces) among all the micro-batch forward passes of the run
+_DRAW = random.Random(20261201)
+SIGNAL_POINTS = [(signal.SIGINT, 5), (signal.SIGTERM, 8), (signal.SIGINT, 1),
+                 (signal.SIGINT, _DRAW.randint(1, 2 * STEPS - 1)), (signal.SIGTERM, _DRAW.randint(1, 2 * STEPS - 1))]
+
+
+@pytest.mark.parametrize("signum,at_call", SIGNAL_POINTS)
 def test_a_signal_inside_a_step_saves_a_checkpoint_that_resumes_exactly(env, tmp_path, reference, monkeypatch,
                                                                         signum, at_call):
     out = tmp_path / "run"
