@@ -8,8 +8,27 @@ from pathlib import Path
 from transformers import AutoConfig, PretrainedConfig
 
 from swengine.errors import UserError
-from swengine.model.families import family
+from swengine.model.families import FAMILIES, family
 from swengine.model.presets import PRESETS, preset_key
+
+
+def read_config_json(path: Path) -> dict:
+    """A config.json as a dict: UTF-8 JSON, an object, naming a supported ``model_type`` — or a
+    one-line :class:`UserError` before transformers raises its own multi-line errors."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; is it a Hugging Face config.json?") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; is it a Hugging Face config.json?")
+    model_type = data.get("model_type")
+    if not model_type or not isinstance(model_type, str):
+        raise UserError(f"{path} has no model_type; is it a Hugging Face config.json? "
+                        f"(supported families: {', '.join(FAMILIES)})")
+    check_family(model_type)
+    return data
 
 
 def load_model_config(model: str) -> PretrainedConfig:
@@ -21,19 +40,7 @@ def load_model_config(model: str) -> PretrainedConfig:
         if not path.is_file():
             raise UserError(f"{model} is a directory without config.json; point --model at a Hugging Face model directory")
     if path.is_file():
-        try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is not UTF-8 text; is it a Hugging Face config.json?") from None
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; is it a Hugging Face "
-                            "config.json?")
-        model_type = data.get("model_type")
-        if not model_type or not isinstance(model_type, str):
-            raise UserError(f"{path} has no model_type; is it a Hugging Face config.json?")
-        check_family(model_type)
+        data = read_config_json(path)
         try:
             return AutoConfig.for_model(**data)
         except (TypeError, ValueError) as exc:

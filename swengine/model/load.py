@@ -3,7 +3,6 @@ NF4 (QLoRA, via bitsandbytes), our attention entry, and optional RoPE context ex
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -57,23 +56,11 @@ def model_path(path: str) -> str:
 def _check_local_config(path: str) -> None:
     """A local config.json must be a UTF-8 JSON object naming a supported ``model_type``; say so in
     one line before transformers raises its own multi-line errors."""
+    from swengine.model.config import read_config_json
+
     cfg = Path(path).expanduser() / "config.json"
-    if not cfg.is_file():
-        return  # a hub id: from_pretrained fetches it (or says it cannot)
-    try:
-        data = json.loads(cfg.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"{cfg} is not UTF-8 text; is it a Hugging Face config.json?") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{cfg} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{cfg} holds a JSON {type(data).__name__}, not an object; is it a Hugging Face config.json?")
-    model_type = data.get("model_type")
-    if not model_type:
-        raise UserError(f"{cfg} has no model_type; is it a Hugging Face config.json? "
-                        f"(supported families: {', '.join(FAMILIES)})")
-    if model_type not in FAMILIES:
-        raise UserError(f"unsupported architecture {model_type!r} in {path}; supported families: {', '.join(FAMILIES)}")
+    if cfg.is_file():  # else a hub id: from_pretrained fetches it (or says it cannot)
+        read_config_json(cfg)
 
 
 def rope_types() -> list[str]:
