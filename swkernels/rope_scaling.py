@@ -16,8 +16,9 @@ s = factor, L0 = original_max_position_embeddings. cos/sin are multiplied by the
   factor √(1 + ln s / ln L0) (s = max_pos / L0 unless given)
 
 Config parsing reuses transformers' own normalisation (``standardize_rope_params``: legacy
-``rope_scaling`` → ``rope_parameters``); the arithmetic is ours and is tested against
-``transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS``.
+``rope_scaling`` → ``rope_parameters``); the arithmetic is ours, done in fp32 in transformers'
+operation order (e.g. YaRN's θ/s as 1/(s·b^e), LongRoPE's as 1/(ext·b^e)), so it is tested
+bitwise equal to ``transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS``.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def rope_spec(config_or_params, layer_type: str | None = None) -> RopeSpec:
 
 
 def _theta(spec: RopeSpec, base: float | None = None) -> torch.Tensor:
+    # transformers' order: 1 / (b ** (arange(0, d, 2) / d)), fp32 throughout
     exponents = torch.arange(0, spec.dim, 2, dtype=torch.int64).float() / spec.dim
     return 1.0 / ((spec.theta if base is None else base) ** exponents)
 
@@ -118,7 +120,7 @@ def _yarn(spec: RopeSpec) -> tuple[torch.Tensor, float]:
     beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
 
     def correction_dim(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times in L0
-        return d * math.log(L0 / (rotations * 2 * math.pi)) / (2 * math.log(b))
+        return (d * math.log(L0 / (rotations * 2 * math.pi))) / (2 * math.log(b))
 
     low, high = correction_dim(beta_fast), correction_dim(beta_slow)
     if p.get("truncate", True):
@@ -127,9 +129,12 @@ def _yarn(spec: RopeSpec) -> tuple[torch.Tensor, float]:
     if low == high:
         high += 0.001
     ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    theta = _theta(spec)
-    # ramp 0 (high frequencies): keep θ; ramp 1 (low frequencies): interpolate θ/s
-    return theta / s * ramp + theta * (1 - ramp), float(attention)
+    # Same op order as transformers (bitwise equal in fp32): θ = 1/b^e and θ/s = 1/(s·b^e) are each
+    # one rounding of the power, and the blend weights are 1 − (1 − γ) and (1 − γ).
+    pos_freqs = b ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (s * pos_freqs)
+    keep = 1 - ramp  # ramp 0 (high frequencies): keep θ; ramp 1 (low frequencies): interpolate θ/s
+    return interpolation * (1 - keep) + extrapolation * keep, float(attention)
 
 
 def _llama3(spec: RopeSpec) -> torch.Tensor:
@@ -137,10 +142,10 @@ def _llama3(spec: RopeSpec) -> torch.Tensor:
     s, low, high, L0 = p["factor"], p["low_freq_factor"], p["high_freq_factor"], p["original_max_position_embeddings"]
     theta = _theta(spec)
     wavelen = 2 * math.pi / theta
-    sigma = (L0 / wavelen - low) / (high - low)
-    blended = (1 - sigma) * theta / s + sigma * theta
     out = torch.where(wavelen > L0 / low, theta / s, theta)
-    medium = (wavelen >= L0 / high) & (wavelen <= L0 / low)
+    sigma = (L0 / wavelen - low) / (high - low)
+    blended = (1 - sigma) * out / s + sigma * out  # transformers' order (bitwise equal)
+    medium = ~(wavelen < L0 / high) & ~(wavelen > L0 / low)
     return torch.where(medium, blended, out)
 
 
@@ -154,7 +159,8 @@ def _longrope(spec: RopeSpec, seq_len: int | None) -> tuple[torch.Tensor, float]
     ext = torch.tensor(p["long_factor"] if seq_len and seq_len > L0 else p["short_factor"], dtype=torch.float32)
     if ext.numel() != spec.dim // 2:
         raise ValueError(f"longrope factors need {spec.dim // 2} entries (rotary dim / 2), got {ext.numel()}")
-    return _theta(spec) / ext, float(attention)
+    exponents = torch.arange(0, spec.dim, 2, dtype=torch.int64).float() / spec.dim
+    return 1.0 / (ext * spec.theta ** exponents), float(attention)  # transformers' order: 1/(ext·b^e)
 
 
 def inv_freq_and_factor(spec: RopeSpec, seq_len: int | None = None) -> tuple[torch.Tensor, float]:

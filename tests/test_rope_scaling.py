@@ -101,3 +101,55 @@ def test_per_layer_type_parameters_match_transformers(layer_type):
         rope_inv_freq(config)
     with pytest.raises(ValueError, match="leave layer_type out"):
         rope_inv_freq(CONFIGS["linear"], layer_type="full_attention")
+
+
+def _small(head_dim, rope_scaling, partial=None, max_pos=8192, theta=10000.0):
+    if rope_scaling is None:  # default: Phi-3's rotary class owns the partial-rotary default
+        return Phi3Config(hidden_size=head_dim * 4, num_attention_heads=4, rope_theta=theta,
+                          max_position_embeddings=max_pos, partial_rotary_factor=partial or 1.0)
+    if partial is not None:
+        rope_scaling = {**rope_scaling, "partial_rotary_factor": partial}
+    return LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim, rope_theta=theta,
+                       max_position_embeddings=max_pos, rope_scaling=rope_scaling)
+
+
+def _longrope_scaling(n, **kw):
+    return {"rope_type": "longrope", "long_factor": [1.0 + 0.37 * i for i in range(n)],
+            "short_factor": [1.0 + 0.013 * i for i in range(n)], "original_max_position_embeddings": 2048, **kw}
+
+
+# small head dims (16, 32), partial rotary and every attention-factor branch of yarn / longrope
+BITWISE_CONFIGS = {
+    **CONFIGS,
+    **{f"yarn-h{h}": _small(h, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048})
+       for h in (16, 32, 64)},
+    "yarn-h16-partial": _small(16, {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 1024},
+                               partial=0.5),
+    "yarn-attention-factor": _small(32, {"rope_type": "yarn", "factor": 3.0, "attention_factor": 0.8,
+                                         "beta_fast": 8, "beta_slow": 2, "original_max_position_embeddings": 2048}),
+    "yarn-mscale": _small(64, {"rope_type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 0.5,
+                               "original_max_position_embeddings": 4096}, max_pos=163840, theta=1e6),
+    "yarn-no-factor": _small(32, {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 2048},
+                             max_pos=16384),
+    "yarn-untruncated-h16": _small(16, {"rope_type": "yarn", "factor": 16.0, "truncate": False,
+                                        "original_max_position_embeddings": 512}),
+    **{f"longrope-h{h}": _small(h, _longrope_scaling(h // 2)) for h in (16, 32)},
+    "longrope-h16-partial": _small(16, _longrope_scaling(6), partial=0.75),
+    "longrope-attention-factor": _small(32, _longrope_scaling(16, attention_factor=1.3, factor=4.0)),
+    "llama3-h16": _small(16, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 1024}, theta=500000.0),
+    "linear-h16-partial": _small(16, {"rope_type": "linear", "factor": 3.0}, partial=0.5),
+    "dynamic-h16": _small(16, {"rope_type": "dynamic", "factor": 3.0}, max_pos=2048),
+    "default-h16-partial": _small(16, None, partial=0.5),
+}
+
+
+@pytest.mark.parametrize("name", BITWISE_CONFIGS)
+@pytest.mark.parametrize("seq_len", [None, 1000, 3000, 200_000])
+def test_inv_freq_is_bitwise_equal_to_transformers(name, seq_len):
+    """Same fp32 op order as transformers: not one ulp apart (YaRN and LongRoPE used to be)."""
+    ours, ours_factor = rope_inv_freq(BITWISE_CONFIGS[name], seq_len)
+    theirs, their_factor = hf_inv_freq(BITWISE_CONFIGS[name], seq_len)
+    assert ours.dtype == theirs.dtype == torch.float32
+    assert torch.equal(ours, theirs), (ours - theirs).abs().max()
+    assert ours_factor == their_factor

@@ -8,7 +8,8 @@ i.e. a rotation by a, scaled by f. Its Jacobian is f·R(a), so the gradient is
 — the same kernel with sin negated (``conjugate``). No (seq × dim) cos/sin table is ever
 allocated: one program per token computes that token's angles once (fp32, accurate libdevice
 sin/cos, so positions of 100K+ are fine) and rotates every Q head and then every K head of the
-token, a tile of heads at a time (GQA is just a different head count). Dims past the rotary dim
+token, a tile of heads at a time (GQA is just a different head count: any Hq and Hkv, each head
+rotated on its own, so they need not divide each other). Dims past the rotary dim
 (partial rotary) are copied through. Packed sequences need nothing special: positions come from
 position_ids, which may restart per document.
 
@@ -190,14 +191,13 @@ def _check(q, k, position_ids, inv_freq):
     B, Hq, T, D = q.shape
     if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
         raise ValueError(f"apply_rope: k {tuple(k.shape)} must match q {tuple(q.shape)} except for its head count")
-    if Hq % k.shape[1]:
-        raise ValueError(f"apply_rope: query heads ({Hq}) must be a multiple of key heads ({k.shape[1]})")
     if q.dtype != k.dtype or q.device != k.device:
         raise ValueError(f"apply_rope: q and k must share dtype and device, got {q.dtype}/{k.dtype}, "
                          f"{q.device}/{k.device}")
-    if position_ids.shape != (B, T) or position_ids.is_floating_point():
-        raise ValueError(f"apply_rope: position_ids must be integer (batch, seq) = {(B, T)}, got "
-                         f"{position_ids.dtype} {tuple(position_ids.shape)}; expand a (1, T) arange to the batch")
+    if position_ids.dim() != 2 or position_ids.shape[0] not in (B, 1) or position_ids.shape[1] != T \
+            or position_ids.is_floating_point():
+        raise ValueError(f"apply_rope: position_ids must be integer (batch, seq) = {(B, T)} or (1, seq) = {(1, T)} "
+                         f"(broadcast over the batch), got {position_ids.dtype} {tuple(position_ids.shape)}")
     half = inv_freq.shape[0] if inv_freq.dim() == 1 else -1
     if not 0 < 2 * half <= min(D, 2 * BLOCK_R_CHOICES[-1]):
         raise ValueError(f"apply_rope: inv_freq must be 1-D with 1..{min(D, 2 * BLOCK_R_CHOICES[-1]) // 2} entries "
@@ -206,15 +206,18 @@ def _check(q, k, position_ids, inv_freq):
 
 def _prepare(q, position_ids, inv_freq):
     """inv_freq as contiguous fp32 and positions as int64 on q's device (what the kernel reads)."""
-    return (position_ids.to(device=q.device, dtype=torch.int64),
-            inv_freq.to(device=q.device, dtype=torch.float32).contiguous())
+    pos = position_ids.to(device=q.device, dtype=torch.int64)
+    if pos.shape[0] != q.shape[0]:  # (1, T) broadcast over the batch: stride 0, the kernel reads strides
+        pos = pos.expand(q.shape[0], -1)
+    return pos, inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
                attention_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (B, Hq, T, D) and k (B, Hkv, T, D) by their positions (HF rotate_half layout),
     differentiably; returns new tensors with the inputs' layout. Partial rotary when
-    2·len(inv_freq) < D; GQA when Hkv < Hq; position_ids (B, T) may restart per packed document."""
+    2·len(inv_freq) < D; any head counts Hq, Hkv (GQA/MQA need not divide); position_ids (B, T) may
+    restart per packed document, or (1, T) is broadcast over the batch."""
     _check(q, k, position_ids, inv_freq)
     pos, inv = _prepare(q, position_ids, inv_freq)
     if select_backend("rope", q) == "torch":

@@ -15,8 +15,8 @@ def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, attention_f
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
                attention_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate the first rotary_dim = 2·len(inv_freq) dims of q (B, Hq, T, D) and k (B, Hkv, T, D);
-    the rest passes through. With (x1, x2) the two rotary halves and a = position·inv_freq:
+    """Rotate the first rotary_dim = 2·len(inv_freq) dims of q (B, Hq, T, D) and k (B, Hkv, T, D)
+    (any head counts) by position_ids (B, T), or (1, T) broadcast over the batch; the rest passes through. With (x1, x2) the two rotary halves and a = position·inv_freq:
     out = f·(x1·cos a − x2·sin a, x2·cos a + x1·sin a, rest). Computed in fp32 (angles and
     products as transformers forms them), returned in the inputs' dtypes; differentiable by
     autograd, which only keeps the half-width cos/sin tables for the backward."""

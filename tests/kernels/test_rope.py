@@ -102,10 +102,14 @@ def test_backward_is_the_inverse_rotation(device):
 
 def test_bad_shapes_say_how_to_fix():
     q, k, pos, inv = make(CASES[0], torch.float32, "cpu")
-    with pytest.raises(ValueError, match="multiple of key heads"):
-        swkernels.apply_rope(q, k[:, :1].expand(-1, 3, -1, -1), pos, inv)
+    with pytest.raises(ValueError, match="except for its head count"):
+        swkernels.apply_rope(q, k[:, :, :5], pos, inv)
     with pytest.raises(ValueError, match="position_ids"):
         swkernels.apply_rope(q, k, pos[:, :5], inv)
+    with pytest.raises(ValueError, match="position_ids"):  # neither the batch nor 1
+        swkernels.apply_rope(q, k, pos[:1].expand(3, -1), inv)
+    with pytest.raises(ValueError, match="position_ids"):
+        swkernels.apply_rope(q, k, pos[0], inv)
     with pytest.raises(ValueError, match="head_dim/2"):
         swkernels.apply_rope(q, k, pos, torch.ones(40))
     with pytest.raises(ValueError, match="integer"):
@@ -171,3 +175,55 @@ def test_long_positions_on_gpu():
     qr, kr = reference.apply_rope(q, k, pos, inv, 1.1)
     assert_close(qo, qr, scale=2)
     assert_close(ko, kr, scale=2)
+
+
+def hf_rotary(head_dim, heads, dtype, device, pos):
+    """cos/sin from transformers' own rotary module (LlamaRotaryEmbedding), in the model dtype."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=heads * head_dim, num_attention_heads=heads, head_dim=head_dim,
+                         rope_theta=10000.0, max_position_embeddings=4096)
+    rotary = LlamaRotaryEmbedding(config).to(device)
+    cos, sin = rotary(torch.empty(1, device=device, dtype=dtype), pos)
+    return cos, sin, rotary.inv_freq, rotary.attention_scaling
+
+
+# Hq=6, Hkv=4 (not multiples of each other) and (1, T) positions broadcast over B=3: transformers
+# and Liger accept both (the kernel rotates each head on its own and reads the positions' strides)
+@pytest.mark.parametrize("pos_batch", [1, 3], ids=["pos1xT", "posBxT"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_heads_that_do_not_divide_and_broadcast_positions_match_transformers(pos_batch, dtype, device):
+    B, Hq, Hkv, T, D = 3, 6, 4, 9, 32
+    pos = (torch.arange(T, device=device) + 500)[None].repeat(pos_batch, 1)
+    q = torch.randn(B, T, Hq, D, device=device).to(dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, T, Hkv, D, device=device).to(dtype).transpose(1, 2).requires_grad_()
+    cos, sin, inv, factor = hf_rotary(D, Hq, dtype, device, pos)
+
+    qo, ko = swkernels.apply_rope(q, k, pos, inv, factor)
+    assert qo.shape == q.shape and ko.shape == k.shape and qo.dtype == ko.dtype == dtype
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    dq, dk = torch.autograd.grad((qo, ko), (q, k), (gq, gk))
+
+    qh, kh = apply_rotary_pos_emb(q, k, cos, sin)  # cos/sin (pos_batch, T, D) broadcast over the batch
+    dqh, dkh = torch.autograd.grad((qh, kh), (q, k), (gq, gk))
+    for got, want in ((qo, qh), (ko, kh), (dq, dqh), (dk, dkh)):
+        assert_close(got, want, dtype, scale=8)
+
+    qr, kr = reference.apply_rope(q, k, pos, inv, factor)  # the reference broadcasts (1, T) too
+    dqr, dkr = torch.autograd.grad((qr, kr), (q, k), (gq, gk))
+    for got, want in ((qo, qr), (ko, kr), (dq, dqr), (dk, dkr)):
+        assert_close(got, want, scale=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_in_place_heads_that_do_not_divide_and_broadcast_positions(dtype, device):
+    B, Hq, Hkv, T, D = 3, 6, 4, 7, 32
+    pos = torch.arange(T, device=device)[None] + 100
+    q = torch.randn(B, T, Hq, D, device=device).to(dtype).transpose(1, 2)
+    k = torch.randn(B, T, Hkv, D, device=device).to(dtype).transpose(1, 2)
+    cos, sin, inv, _ = hf_rotary(D, Hq, dtype, device, pos)
+    want = apply_rotary_pos_emb(q, k, cos, sin)
+    swkernels.apply_rope_(q, k, pos, inv)
+    assert_close(q, want[0], dtype, scale=8)
+    assert_close(k, want[1], dtype, scale=8)
