@@ -25,9 +25,22 @@ KIND_FORWARD_KL, KIND_REVERSE_KL, KIND_JSD = 0, 1, 2
 
 
 @triton.jit
+def _tanh(y):
+    """tanh in fp32 without cancellation near 0 (2σ(2y)−1 loses all relative precision there):
+    odd Taylor series for |y| < 1/4 (truncation < 1e-8 relative), else (1−e^{−2|y|})/(1+e^{−2|y|})."""
+    a = tl.abs(y)
+    y2 = y * y
+    small = y * (1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0 + y2 * (62.0 / 2835.0)))))
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    big = tl.where(y < 0, -big, big)
+    return tl.where(a < 0.25, small, big)
+
+
+@triton.jit
 def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
     if HAS_SOFTCAP:
-        return softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)  # c·tanh(x/c)
+        return softcap * _tanh(x / softcap)  # c·tanh(x/c)
     return x
 
 
@@ -60,8 +73,12 @@ def _ce_rows(
         m = m_new
         zsum += tl.sum(tl.where(mask, z, 0.0), 0)
     lse = m + tl.log(d)
-    z_y = _capped(tl.load(ptr + label).to(tl.float32), softcap, HAS_SOFTCAP)
-    loss = (1.0 - label_smoothing) * (lse - z_y) + label_smoothing * (lse - zsum / V)
+    in_range = (label >= 0) & (label < V)  # an out-of-range label reads nothing and gives a NaN loss
+    z_y = _capped(tl.load(ptr + tl.where(in_range, label, 0)).to(tl.float32), softcap, HAS_SOFTCAP)
+    # without smoothing, a -inf logit (masked through the bias) must not give 0·inf = NaN
+    smooth = tl.where(label_smoothing > 0.0, label_smoothing * (lse - zsum / V), 0.0)
+    loss = (1.0 - label_smoothing) * (lse - z_y) + smooth
+    loss = tl.where(in_range, loss, float("nan"))
     tl.store(loss_ptr + row, loss)
     for v0 in range(0, V, BLOCK_V):
         mask = v0 + cols < V
@@ -117,17 +134,19 @@ def _distill_rows(
         lp = tl.load(tp + v0 + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature - lse_t
         q = tl.where(mask, tl.exp(lq), 0.0)
         p = tl.where(mask, tl.exp(lp), 0.0)
+        # terms with a zero probability are 0 (0·log 0 = 0), not 0·(−inf) = NaN
         if KIND == 0:
-            loss += tl.sum(p * (lp - lq), 0)
+            loss += tl.sum(tl.where(p > 0.0, p * (lp - lq), 0.0), 0)
         elif KIND == 1:
-            loss += tl.sum(q * (lq - lp), 0)
+            loss += tl.sum(tl.where(q > 0.0, q * (lq - lp), 0.0), 0)
         else:
             a1 = lp + log_beta
             a2 = lq + log_1mb
             mx = tl.maximum(a1, a2)
             lm = mx + tl.log(tl.exp(a1 - mx) + tl.exp(a2 - mx))  # log m, overflow-free
-            loss += tl.sum(beta * p * (lp - lm) + (1.0 - beta) * q * (lq - lm), 0)
-            qa += tl.sum(q * (1.0 - beta) * (lq - lm), 0)
+            tq = tl.where(q > 0.0, q * (1.0 - beta) * (lq - lm), 0.0)
+            loss += tl.sum(tl.where(p > 0.0, beta * p * (lp - lm), 0.0) + tq, 0)
+            qa += tl.sum(tq, 0)
     tl.store(loss_ptr + row, loss)
     # pass 3: the gradient w.r.t. the student logits (after all reads of this block: may alias s)
     for v0 in range(0, V, BLOCK_V):
@@ -138,13 +157,13 @@ def _distill_rows(
         if KIND == 0:
             g = q - tl.exp(lp)
         elif KIND == 1:
-            g = q * (lq - lp - loss)
+            g = tl.where(q > 0.0, q * (lq - lp - loss), 0.0)
         else:
             a1 = lp + log_beta
             a2 = lq + log_1mb
             mx = tl.maximum(a1, a2)
             lm = mx + tl.log(tl.exp(a1 - mx) + tl.exp(a2 - mx))
-            g = q * ((1.0 - beta) * (lq - lm) - qa)
+            g = tl.where(q > 0.0, q * ((1.0 - beta) * (lq - lm) - qa), 0.0)
         tl.store(gp + v0 + cols, (g * (grad_scale * inv_temperature)).to(g_ptr.dtype.element_ty), mask=mask)
 
 

@@ -22,6 +22,7 @@ from swkernels import reference
 from swkernels._backend import select_backend
 from swkernels.ops._loss_kernels import _ce_rows, launch_ce_rows
 from swkernels.ops.distill_loss import mean_scale
+from swkernels.reference.losses import check_labels
 from swkernels.registry import KernelSpec, register
 
 
@@ -121,6 +122,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be > 0, got {softcap}")
+    check_labels(y, weight.shape[0], ignore_index, "fused_linear_cross_entropy")
     rows = select_backend("fused_linear_cross_entropy", h2)  # the torch fallback keeps the chunking
     w = weight.to(h2.dtype) if weight.dtype != h2.dtype else weight
     b = bias.to(h2.dtype) if bias is not None and bias.dtype != h2.dtype else bias

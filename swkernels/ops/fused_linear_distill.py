@@ -29,6 +29,7 @@ from swkernels._backend import select_backend
 from swkernels.ops._loss_kernels import launch_ce_rows, launch_distill_rows
 from swkernels.ops.distill_loss import kind_code, mean_scale
 from swkernels.ops.fused_linear_cross_entropy import chunk_size
+from swkernels.reference.losses import check_labels
 
 
 def chunked_distill(s_hidden, s_weight, t_hidden, t_weight, topk_logprobs, topk_indices, labels, kind: int,
@@ -172,6 +173,8 @@ def fused_linear_distill(student_hidden: torch.Tensor, student_head_weight: torc
         wt = teacher_head_weight.detach()
         vocab = resolve_vocab(student_head_weight.shape[0], wt.shape[0], vocab_size)
         lp = idx = None
+    if alpha < 1.0:
+        check_labels(y, vocab, ignore_index, "fused_linear_distill")
     rows = select_backend("fused_linear_distill", hs)  # the torch fallback keeps the chunking
     dtype = hs.dtype
     ws = student_head_weight.to(dtype)

@@ -14,6 +14,30 @@ def _valid(labels, n, ignore_index, device):
     return labels.reshape(-1) != ignore_index
 
 
+def plogp_ratio(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """p·(log p − log q) elementwise, 0 where p = 0 (0·log 0 = 0; no 0·(−inf) = NaN)."""
+    p = lp.exp()
+    return p * torch.where(p > 0, lp - lq, 0.0)  # masked inside the product: no NaN gradient either
+
+
+def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int, where: str) -> None:
+    """Labels must be ``ignore_index`` or in [0, vocab). On the CPU this raises a ValueError naming
+    the first bad label; on an accelerator it queues a device-side assert (no host sync), and the
+    kernels give such a row a NaN loss without reading outside the row."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if torch.compiler.is_compiling() or labels.device.type == "meta" or is_fake(labels):
+        return
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if labels.device.type == "cpu":
+        if bool(bad.any()):
+            i = int(bad.reshape(-1).nonzero()[0, 0])
+            raise ValueError(f"{where}: label {int(labels.reshape(-1)[i])} at position {i} is out of range: "
+                             f"labels must be in [0, {vocab}) or ignore_index={ignore_index}")
+        return
+    torch._assert_async(~bad.any(), f"{where}: a label is out of range [0, {vocab}) and not ignore_index")
+
+
 def distill_per_token(s: torch.Tensor, t: torch.Tensor, kind: str, temperature: float, beta: float) -> torch.Tensor:
     """Per-row divergence between teacher p = softmax(t/T) and student q = softmax(s/T)."""
     lq = F.log_softmax(s.float() / temperature, dim=-1)
@@ -23,12 +47,12 @@ def distill_per_token(s: torch.Tensor, t: torch.Tensor, kind: str, temperature: 
     if kind == "jsd" and beta == 1.0:
         kind = "reverse_kl"
     if kind == "forward_kl":
-        return (lp.exp() * (lp - lq)).sum(-1)
+        return plogp_ratio(lp, lq).sum(-1)
     if kind == "reverse_kl":
-        return (lq.exp() * (lq - lp)).sum(-1)
+        return plogp_ratio(lq, lp).sum(-1)
     if kind == "jsd":
         lm = torch.logsumexp(torch.stack([lp + math.log(beta), lq + math.log(1 - beta)]), dim=0)
-        return beta * (lp.exp() * (lp - lm)).sum(-1) + (1 - beta) * (lq.exp() * (lq - lm)).sum(-1)
+        return beta * plogp_ratio(lp, lm).sum(-1) + (1 - beta) * plogp_ratio(lq, lm).sum(-1)
     raise ValueError(f"unknown distillation kind {kind!r}")
 
 
@@ -82,10 +106,13 @@ def ce_rows_(logits, labels, losses, scale, ignore_index, label_smoothing, softc
     if softcap:
         z = softcap * torch.tanh(z / softcap)
     valid = labels != ignore_index
-    safe = torch.where(valid, labels, 0)
+    safe = torch.where(valid & (labels >= 0) & (labels < z.shape[-1]), labels, 0)
     lse = torch.logsumexp(z, dim=-1)
     z_y = z.gather(1, safe[:, None])[:, 0]
-    loss = (1 - label_smoothing) * (lse - z_y) + label_smoothing * (lse - z.mean(-1))
+    loss = (1 - label_smoothing) * (lse - z_y)
+    if label_smoothing:  # else a -inf logit would give 0·inf = NaN
+        loss = loss + label_smoothing * (lse - z.mean(-1))
+    loss = torch.where((labels >= 0) & (labels < z.shape[-1]), loss, float("nan"))
     losses.copy_(torch.where(valid, loss, 0.0))
     g = torch.softmax(z, dim=-1) - label_smoothing / z.shape[-1]
     g.scatter_add_(1, safe[:, None], torch.full_like(z_y[:, None], -(1 - label_smoothing)))
@@ -100,15 +127,16 @@ def distill_rows(s, t, g, valid, losses, scale, kind, temperature, beta):
     lp = torch.log_softmax(t.float() / temperature, dim=-1)
     q, p = lq.exp(), lp.exp()
     if kind == 0:
-        loss, grad = (p * (lp - lq)).sum(-1), q - p
+        loss, grad = plogp_ratio(lp, lq).sum(-1), q - p
     elif kind == 1:
-        loss = (q * (lq - lp)).sum(-1)
-        grad = q * (lq - lp - loss[:, None])
+        loss = plogp_ratio(lq, lp).sum(-1)
+        grad = torch.where(q > 0, q * (lq - lp - loss[:, None]), 0.0)
     else:
         lm = torch.logsumexp(torch.stack([lp + math.log(beta), lq + math.log(1 - beta)]), dim=0)
-        loss = beta * (p * (lp - lm)).sum(-1) + (1 - beta) * (q * (lq - lm)).sum(-1)
+        qa = (1 - beta) * plogp_ratio(lq, lm)
+        loss = beta * plogp_ratio(lp, lm).sum(-1) + qa.sum(-1)
         a = (1 - beta) * (lq - lm)
-        grad = q * (a - (q * a).sum(-1, keepdim=True))
+        grad = torch.where(q > 0, q * (a - qa.sum(-1, keepdim=True)), 0.0)
     keep = valid.bool()
     losses.copy_(torch.where(keep, loss, 0.0))
     g.copy_(grad * (scale / temperature) * keep[:, None])

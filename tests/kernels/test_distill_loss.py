@@ -92,3 +92,55 @@ def test_fake_impl_allocates_what_the_kernel_allocates(device):
         with FakeTensorMode(), swkernels.force_backend("triton"), LiveBytes() as fake:
             step()
         assert fake.peak == real.peak > 0
+
+
+def _with_zero_teacher_probs(n, v, device):
+    s, t = logits(n, v, torch.float32, device), logits(n, v, torch.float32, device)
+    t[:, [0, 3, v - 1]] = -float("inf")  # teacher probability exactly 0
+    t[1, 10:40] = -float("inf")
+    return s, t
+
+
+def torch_kl(lq, p):
+    """KL(p‖q) per row by torch's kl_div with a probability target (0·log 0 = 0 there)."""
+    return F.kl_div(lq, p, reduction="none").sum(-1)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("jsd", 0.0), ("jsd", 0.5), ("jsd", 0.3)])
+def test_teacher_probability_of_exactly_zero(kind, beta, backend, device):
+    s, t = _with_zero_teacher_probs(6, 97, device)
+    s.requires_grad_()
+    with swkernels.force_backend(backend):
+        loss = swkernels.distill_loss(s, t, kind, beta=beta, temperature=1.5)
+    (g,) = torch.autograd.grad(loss, s)
+    lq, p = F.log_softmax(s / 1.5, -1), F.softmax(t / 1.5, -1)
+    if kind == "forward_kl" or beta == 0.0:
+        ref = torch_kl(lq, p).mean()
+    else:
+        q = lq.exp()
+        lm = (beta * p + (1 - beta) * q).log()
+        ref = (beta * torch_kl(lm, p) + (1 - beta) * torch_kl(lm, q)).mean()
+    (gr,) = torch.autograd.grad(ref, s)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("kind,beta", [("reverse_kl", 0.5), ("jsd", 0.5)])
+def test_student_probability_of_exactly_zero(kind, beta, backend, device):
+    t, s = _with_zero_teacher_probs(6, 97, device)  # now the student has the zeros
+    s.requires_grad_()
+    with swkernels.force_backend(backend):
+        loss = swkernels.distill_loss(s, t, kind, beta=beta)
+    (g,) = torch.autograd.grad(loss, s)
+    lq, p = F.log_softmax(s, -1), F.softmax(t, -1)
+    q = lq.exp()
+    if kind == "reverse_kl":
+        ref = torch_kl(p.log(), q).mean()
+    else:
+        lm = (beta * p + (1 - beta) * q).log()
+        ref = (beta * torch_kl(lm, p) + (1 - beta) * torch_kl(lm, q)).mean()
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)

@@ -120,3 +120,38 @@ def test_peak_memory_far_below_unfused_at_128k_vocab():
         with swkernels.force_backend("triton"), LiveBytes() as fused:
             swkernels.fused_linear_distill(hs, ws, ht, wt, y).backward()
     assert fused.peak < unfused.peak / 8, (fused.peak / 2**30, unfused.peak / 2**30)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("jsd", 0.5)])
+def test_topk_teacher_cache_with_zero_probabilities(kind, beta, backend, device):
+    """A top-k cache padded with -inf log-probabilities (fewer than k candidates) stays finite."""
+    hs, ws, ht, wt, y = setup_models(device=device)
+    vals, idx = F.log_softmax(ht.float() @ wt.float().t(), dim=-1).topk(8, dim=-1)
+    vals[:, 6:] = -float("inf")
+    with swkernels.force_backend(backend):
+        loss = swkernels.fused_linear_distill(hs, ws, labels=y, kind=kind, beta=beta, alpha=0.5,
+                                              teacher_topk=(vals, idx))
+    gh, gw = torch.autograd.grad(loss, (hs, ws))
+    s = hs @ ws.t()
+    lq, p = F.log_softmax(s.gather(1, idx), -1), F.softmax(vals, -1)
+    if kind == "forward_kl":
+        per = F.kl_div(lq, p, reduction="none").sum(-1)
+    else:
+        lm = (beta * p + (1 - beta) * lq.exp()).log()
+        per = beta * F.kl_div(lm, p, reduction="none").sum(-1) + (1 - beta) * F.kl_div(lm, lq.exp(),
+                                                                                         reduction="none").sum(-1)
+    valid = y != -100
+    ref = 0.5 * F.cross_entropy(s, y) + 0.5 * (per * valid).sum() / valid.sum()
+    gh_r, gw_r = torch.autograd.grad(ref, (hs, ws))
+    assert torch.isfinite(loss) and torch.isfinite(gh).all() and torch.isfinite(gw).all()
+    torch.testing.assert_close(loss, ref, rtol=2e-5, atol=1e-6)
+    assert rel(gh, gh_r) < 2e-5 and rel(gw, gw_r) < 2e-5
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_out_of_range_label_is_an_error(backend):
+    hs, ws, ht, wt, y = setup_models()
+    y[4] = 203
+    with swkernels.force_backend(backend), pytest.raises(ValueError, match="label 203 at position 4"):
+        swkernels.fused_linear_distill(hs, ws, ht, wt, y)
