@@ -137,6 +137,7 @@ def test_qlora_path_runs_on_cpu_through_the_interpreted_kernels(workdir):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_fused_and_unfused_cross_entropy_give_the_same_losses(workdir):
     model = make_model(workdir, "llama")
     runs = {}
@@ -149,6 +150,7 @@ def test_fused_and_unfused_cross_entropy_give_the_same_losses(workdir):
         assert a == pytest.approx(b, rel=1e-4)
 
 
+@pytest.mark.slow  # tests/test_run_safety.py covers exact resume after signals in the quick run
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(workdir):
     model = make_model(workdir, "llama")
     data = workdir / "train.jsonl"

@@ -54,6 +54,7 @@ def test_forward_and_grads_match_reference(shape, dtype, device):
     assert a.dtype == torch.float32 and grads[1].dtype == torch.float32  # fp32 adapter grads
 
 
+@pytest.mark.slow  # 15 s in the interpreter; the odd shapes of the main matrix stay in the quick run
 def test_large_odd_shape_in_bf16(device):
     """(3, 41, 401) → 1271: many tiles in every direction, none full (bf16, the training dtype)."""
     x, w, a, b, bias = make((3, 41), 401, 1271, 16, True, torch.bfloat16, device)

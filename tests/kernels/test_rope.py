@@ -124,6 +124,7 @@ def test_custom_op_registration_is_consistent(device):
         torch.library.opcheck(rope_op, (q, k, pos, inv, 1.0, False))
 
 
+@pytest.mark.slow  # 13 s in the interpreter
 def test_fake_impl_allocates_what_the_kernel_allocates(device):
     with torch.device(device):  # the GPU when present: its kernels, its allocations
         import gc
