@@ -66,3 +66,10 @@ def test_paired_timing_measures_the_ratio_and_the_report_prefers_it():
 def test_huge_speedups_are_gated_at_the_cap():
     assert bench_report.check({"planner": 20_000.0}, {"planner": 75_000.0}, 0.25) == []
     assert bench_report.check({"planner": 50.0}, {"planner": 75_000.0}, 0.25)[0].startswith("regression: planner")
+
+
+def test_a_measured_noise_allowance_widens_one_ratio_only():
+    stored, wide = {"ce": 0.75, "rope": 1.0}, {"ce": 0.9}
+    assert bench_report.check({"ce": 0.45, "rope": 0.9}, stored, 0.25, wide) == []
+    assert bench_report.check({"ce": 0.38, "rope": 0.9}, stored, 0.25, wide)[0].startswith("regression: ce")
+    assert bench_report.check({"ce": 0.45, "rope": 0.7}, stored, 0.25, wide)[0].startswith("regression: rope")
