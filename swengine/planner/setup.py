@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from swengine.errors import UserError
+from swengine.model.build import QUANTS  # the base-weight formats the one model builder makes
 
 ALL_LINEAR = ("all-linear",)  # every projection of a decoder layer (not the LM head)
-QUANTS = ("none", "nf4", "nf4-dq")
 LORA_IMPLS = ("peft", "swkernels")
 LOSSES = ("unfused", "fused")
 ATTENTIONS = ("sdpa", "eager")
