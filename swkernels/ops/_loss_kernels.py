@@ -2,9 +2,10 @@
 vocabulary in blocks (online log-sum-exp, fp32), writes the row's loss, and overwrites the logits
 with their gradient, so no probability tensor is ever stored.
 
-Cross-entropy with label smoothing ε and optional soft-capping z = c·tanh(l/c):
-    loss = (1−ε)·(lse − z_y) + ε·(lse − mean_j z_j)
-    ∂loss/∂z_j = q_j − (1−ε)·[j = y] − ε/V,  q = softmax(z);   ∂z/∂l = 1 − (z/c)²
+Cross-entropy with label smoothing ε, optional soft-capping z = c·tanh(l/c) and z-loss weight ζ
+(``lse_square_scale``, PaLM's auxiliary loss that keeps log Z near 0):
+    loss = (1−ε)·(lse − z_y) + ε·(lse − mean_j z_j) + ζ·lse²
+    ∂loss/∂z_j = q_j·(1 + 2ζ·lse) − (1−ε)·[j = y] − ε/V,  q = softmax(z);   ∂z/∂l = 1 − (z/c)²
 
 Distillation over z_s = s/T (student), z_t = t/T (teacher), q = softmax(z_s), p = softmax(z_t):
     forward KL(p‖q) = Σ p (log p − log q)            ∂/∂z_s,j = q_j − p_j
@@ -14,6 +15,11 @@ Distillation over z_s = s/T (student), z_t = t/T (teacher), q = softmax(z_s), p 
         ∂/∂z_s,j = q_j (a_j − Σ_k q_k a_k)
     β = 0 and β = 1 are forward and reverse KL (the TRL / Liger convention).
 The teacher gets no gradient (it is frozen). ∂/∂s = (1/T)·∂/∂z_s.
+
+Both kernels multiply the gradient by a scale read at ``scale_ptr + row·scale_stride``: stride 0
+for one scale shared by all rows (1/#valid for a mean, 1 for a sum: a tensor, so no host sync),
+stride 1 for a per-row upstream gradient (``reduction="none"``). Ignored rows get loss 0 and
+gradient 0 whatever the scale.
 """
 
 from __future__ import annotations
@@ -46,14 +52,14 @@ def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _ce_rows(
-    logits_ptr, labels_ptr, loss_ptr, scale_ptr,  # logits (N, V) in place → gradient; labels, loss (N,); scale (1,)
-    V, stride_row, ignore_index, label_smoothing, softcap,
+    logits_ptr, labels_ptr, loss_ptr, scale_ptr,  # logits (N, V) in place → gradient; labels, loss (N,); scale (1,)|(N,)
+    V, stride_row, scale_stride, ignore_index, label_smoothing, softcap, lse_square_scale,
     HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     ptr = logits_ptr + row * stride_row
     label = tl.load(labels_ptr + row)
-    grad_scale = tl.load(scale_ptr)  # 1/n_valid from a tensor: no host sync
+    grad_scale = tl.load(scale_ptr + row * scale_stride)
     cols = tl.arange(0, BLOCK_V)
     if label == ignore_index:
         for v0 in range(0, V, BLOCK_V):
@@ -77,13 +83,16 @@ def _ce_rows(
     z_y = _capped(tl.load(ptr + tl.where(in_range, label, 0)).to(tl.float32), softcap, HAS_SOFTCAP)
     # without smoothing, a -inf logit (masked through the bias) must not give 0·inf = NaN
     smooth = tl.where(label_smoothing > 0.0, label_smoothing * (lse - zsum / V), 0.0)
-    loss = (1.0 - label_smoothing) * (lse - z_y) + smooth
+    # z-loss terms are skipped at ζ = 0 (lse = ±inf must not give 0·inf = NaN there)
+    z_loss = tl.where(lse_square_scale != 0.0, lse_square_scale * lse * lse, 0.0)
+    z_grad = tl.where(lse_square_scale != 0.0, 2.0 * lse_square_scale * lse, 0.0)
+    loss = (1.0 - label_smoothing) * (lse - z_y) + smooth + z_loss
     loss = tl.where(in_range, loss, float("nan"))
     tl.store(loss_ptr + row, loss)
     for v0 in range(0, V, BLOCK_V):
         mask = v0 + cols < V
         z = _capped(tl.load(ptr + v0 + cols, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
-        g = tl.exp(z - lse) - label_smoothing / V
+        g = tl.exp(z - lse) * (1.0 + z_grad) - label_smoothing / V
         g = tl.where(v0 + cols == label, g - (1.0 - label_smoothing), g)
         if HAS_SOFTCAP:
             g = g * (1.0 - (z / softcap) * (z / softcap))
@@ -93,13 +102,13 @@ def _ce_rows(
 @triton.jit
 def _distill_rows(
     s_ptr, t_ptr, g_ptr, valid_ptr, loss_ptr, scale_ptr,  # s, t (N, V); g (N, V) gradient (may alias s or t)
-    V, stride_s, stride_t, stride_g, inv_temperature, beta,
+    V, stride_s, stride_t, stride_g, scale_stride, inv_temperature, beta,
     KIND: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     sp, tp, gp = s_ptr + row * stride_s, t_ptr + row * stride_t, g_ptr + row * stride_g
     cols = tl.arange(0, BLOCK_V)
-    grad_scale = tl.load(scale_ptr)
+    grad_scale = tl.load(scale_ptr + row * scale_stride)
     if tl.load(valid_ptr + row) == 0:
         for v0 in range(0, V, BLOCK_V):
             tl.store(gp + v0 + cols, tl.zeros((BLOCK_V,), dtype=tl.float32).to(g_ptr.dtype.element_ty),
@@ -183,21 +192,39 @@ def distill_warps(bv: int) -> int:
     return max(1, min(16, bv // 128))
 
 
-def launch_ce_rows(logits, labels, loss, scale, ignore_index: int, label_smoothing: float, softcap: float | None):
-    """In place: logits (n, V) become scale·∂loss/∂logits; loss (n,) gets each row's loss."""
+def per_row_stride(scale, n: int) -> int:
+    """0 for one scale shared by all n rows, else the stride of a per-row scale (n,)."""
+    if scale.numel() == 1:
+        return 0
+    if scale.shape != (n,):
+        raise ValueError(f"scale must hold 1 or {n} values, got shape {tuple(scale.shape)}")
+    return scale.stride(0)
+
+
+def row_scale(scale, start: int, end: int):
+    """The scale of rows start..end: a shared (1,) scale as is, a per-row one sliced."""
+    return scale if scale.numel() == 1 else scale[start:end]
+
+
+def launch_ce_rows(logits, labels, loss, scale, ignore_index: int, label_smoothing: float, softcap: float | None,
+                   lse_square_scale: float = 0.0):
+    """In place: logits (n, V) become scale·∂loss/∂logits; loss (n,) gets each row's loss (unscaled).
+    scale: (1,) shared or (n,) per row."""
     n, V = logits.shape
     if n == 0:
         return
     bv = block_v(V)
-    _ce_rows[(n,)](logits, labels, loss, scale, V, logits.stride(0), int(ignore_index), float(label_smoothing),
-                   float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, BLOCK_V=bv, num_warps=_warps(bv))
+    _ce_rows[(n,)](logits, labels, loss, scale, V, logits.stride(0), per_row_stride(scale, n), int(ignore_index),
+                   float(label_smoothing), float(softcap or 1.0), float(lse_square_scale),
+                   HAS_SOFTCAP=softcap is not None, BLOCK_V=bv, num_warps=_warps(bv))
 
 
 def launch_distill_rows(s, t, g, valid, loss, scale, kind: int, temperature: float, beta: float):
-    """g (n, V, may alias s or t) = scale·∂loss/∂s; loss (n,) per row; rows with valid == 0 get 0."""
+    """g (n, V, may alias s or t) = scale·∂loss/∂s; loss (n,) per row (unscaled); rows with valid == 0
+    get 0. scale: (1,) shared or (n,) per row."""
     n, V = s.shape
     if n == 0:
         return
     bv = block_v(V, DISTILL_BLOCK_CAP)
-    _distill_rows[(n,)](s, t, g, valid, loss, scale, V, s.stride(0), t.stride(0), g.stride(0),
+    _distill_rows[(n,)](s, t, g, valid, loss, scale, V, s.stride(0), t.stride(0), g.stride(0), per_row_stride(scale, n),
                         1.0 / float(temperature), float(beta), KIND=kind, BLOCK_V=bv, num_warps=distill_warps(bv))

@@ -56,14 +56,32 @@ def distill_per_token(s: torch.Tensor, t: torch.Tensor, kind: str, temperature: 
     raise ValueError(f"unknown distillation kind {kind!r}")
 
 
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_reduction(reduction: str, where: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{where}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def reduce_rows(per: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """per-token values (0 on ignored tokens) → their mean over valid tokens, their sum, or as is."""
+    if reduction == "none":
+        return per
+    total = per.sum()
+    return total / valid.sum().clamp_min(1) if reduction == "mean" else total
+
+
 def distill_loss(s, t, kind="forward_kl", temperature=1.0, beta=0.5, ignore_index=-100, labels=None,
-                 scale_by_t2=False) -> torch.Tensor:
-    """Mean over non-ignored tokens of the divergence (× T² if asked)."""
+                 scale_by_t2=False, reduction="mean") -> torch.Tensor:
+    """Divergence per token (0 on ignored tokens), × T² if asked: their mean over non-ignored tokens,
+    their sum, or ("none") per token, shaped like the logits' leading dimensions."""
     s2, t2 = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
     valid = _valid(labels, s2.shape[0], ignore_index, s.device)
-    per = distill_per_token(s2, t2, kind, temperature, beta)
-    loss = (per * valid).sum() / valid.sum().clamp_min(1)
-    return loss * temperature**2 if scale_by_t2 else loss
+    per = torch.where(valid, distill_per_token(s2, t2, kind, temperature, beta), 0.0)
+    loss = reduce_rows(per, valid, reduction)
+    loss = loss * temperature**2 if scale_by_t2 else loss
+    return loss.reshape(s.shape[:-1]) if reduction == "none" else loss
 
 
 def capped_logits(hidden, weight, bias=None, softcap=None) -> torch.Tensor:
@@ -71,25 +89,39 @@ def capped_logits(hidden, weight, bias=None, softcap=None) -> torch.Tensor:
     return softcap * torch.tanh(logits / softcap) if softcap else logits
 
 
+def cross_entropy(logits, labels, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                  lse_square_scale=0.0) -> torch.Tensor:
+    """torch's cross-entropy on fp32 logits (N, V), plus the z-loss ζ·logsumexp² of each non-ignored
+    token reduced the same way."""
+    ce = F.cross_entropy(logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                         reduction=reduction)
+    if not lse_square_scale:
+        return ce
+    valid = labels != ignore_index
+    z = torch.where(valid, lse_square_scale * torch.logsumexp(logits, dim=-1) ** 2, 0.0)
+    return ce + reduce_rows(z, valid, reduction)
+
+
 def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, label_smoothing=0.0, softcap=None, bias=None,
-                         reduction="mean") -> torch.Tensor:
+                         reduction="mean", lse_square_scale=0.0) -> torch.Tensor:
     logits = capped_logits(hidden.reshape(-1, hidden.shape[-1]), weight, bias, softcap)
-    return F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, label_smoothing=label_smoothing,
-                           reduction=reduction)
+    loss = cross_entropy(logits, labels.reshape(-1), ignore_index, label_smoothing, reduction, lse_square_scale)
+    return loss.reshape(labels.shape) if reduction == "none" else loss
 
 
 def linear_distill(s_hidden, s_weight, t_hidden, t_weight, labels, kind="forward_kl", temperature=1.0, beta=0.5,
-                   alpha=0.5, ignore_index=-100, vocab_size=None, scale_by_t2=False) -> torch.Tensor:
-    """(1 − α)·CE(student, labels) + α·KD(teacher‖student), both means over non-ignored tokens,
-    over the first ``vocab_size`` logits of each model (padding rows dropped)."""
+                   alpha=0.5, ignore_index=-100, vocab_size=None, scale_by_t2=False, reduction="mean",
+                   lse_square_scale=0.0) -> torch.Tensor:
+    """(1 − α)·(CE + z-loss)(student, labels) + α·KD(teacher‖student) over the first ``vocab_size``
+    logits of each model (padding rows dropped), both reduced over non-ignored tokens alike."""
     V = vocab_size or s_weight.shape[0]
     s = capped_logits(s_hidden.reshape(-1, s_hidden.shape[-1]), s_weight)[:, :V]
     t = capped_logits(t_hidden.reshape(-1, t_hidden.shape[-1]), t_weight)[:, :V]
-    kd = distill_loss(s, t, kind, temperature, beta, ignore_index, labels, scale_by_t2)
-    if alpha >= 1.0:
-        return kd
-    ce = F.cross_entropy(s, labels.reshape(-1), ignore_index=ignore_index)
-    return (1 - alpha) * ce + alpha * kd
+    kd = distill_loss(s, t, kind, temperature, beta, ignore_index, labels, scale_by_t2, reduction)
+    if alpha < 1.0:
+        kd = (1 - alpha) * cross_entropy(s, labels.reshape(-1), ignore_index, 0.0, reduction, lse_square_scale) + \
+            alpha * kd
+    return kd.reshape(s_hidden.shape[:-1]) if reduction == "none" else kd
 
 
 def topk_distill_per_token(s: torch.Tensor, topk_logprobs: torch.Tensor, topk_indices: torch.Tensor, kind: str,
@@ -100,8 +132,9 @@ def topk_distill_per_token(s: torch.Tensor, topk_logprobs: torch.Tensor, topk_in
 
 # ---- row-wise equivalents of the Triton loss kernels (the fused ops' CPU fallback) ----
 
-def ce_rows_(logits, labels, losses, scale, ignore_index, label_smoothing, softcap):
-    """In place, like ``_ce_rows``: logits (n, V) → scale·∂loss/∂logits; losses (n,) ← per-row loss."""
+def ce_rows_(logits, labels, losses, scale, ignore_index, label_smoothing, softcap, lse_square_scale=0.0):
+    """In place, like ``_ce_rows``: logits (n, V) → scale·∂loss/∂logits (scale (1,) or (n,));
+    losses (n,) ← per-row loss, z-loss ζ·lse² included."""
     z = logits.float()
     if softcap:
         z = softcap * torch.tanh(z / softcap)
@@ -112,17 +145,23 @@ def ce_rows_(logits, labels, losses, scale, ignore_index, label_smoothing, softc
     loss = (1 - label_smoothing) * (lse - z_y)
     if label_smoothing:  # else a -inf logit would give 0·inf = NaN
         loss = loss + label_smoothing * (lse - z.mean(-1))
+    if lse_square_scale:
+        loss = loss + lse_square_scale * lse**2
     loss = torch.where((labels >= 0) & (labels < z.shape[-1]), loss, float("nan"))
     losses.copy_(torch.where(valid, loss, 0.0))
-    g = torch.softmax(z, dim=-1) - label_smoothing / z.shape[-1]
+    g = torch.softmax(z, dim=-1)
+    if lse_square_scale:
+        g = g * (1 + 2 * lse_square_scale * lse[:, None])
+    g = g - label_smoothing / z.shape[-1]
     g.scatter_add_(1, safe[:, None], torch.full_like(z_y[:, None], -(1 - label_smoothing)))
     if softcap:
         g = g * (1 - (z / softcap) ** 2)
-    logits.copy_(g * scale * valid[:, None])
+    logits.copy_(g * scale.reshape(-1, 1) * valid[:, None])
 
 
 def distill_rows(s, t, g, valid, losses, scale, kind, temperature, beta):
-    """Like ``_distill_rows`` (kind: 0 forward KL, 1 reverse KL, 2 JSD): g ← scale·∂loss/∂s."""
+    """Like ``_distill_rows`` (kind: 0 forward KL, 1 reverse KL, 2 JSD): g ← scale·∂loss/∂s, scale
+    (1,) or (n,)."""
     lq = torch.log_softmax(s.float() / temperature, dim=-1)
     lp = torch.log_softmax(t.float() / temperature, dim=-1)
     q, p = lq.exp(), lp.exp()
@@ -139,4 +178,4 @@ def distill_rows(s, t, g, valid, losses, scale, kind, temperature, beta):
         grad = torch.where(q > 0, q * (a - qa.sum(-1, keepdim=True)), 0.0)
     keep = valid.bool()
     losses.copy_(torch.where(keep, loss, 0.0))
-    g.copy_(grad * (scale / temperature) * keep[:, None])
+    g.copy_(grad * (scale.reshape(-1, 1) / temperature) * keep[:, None])

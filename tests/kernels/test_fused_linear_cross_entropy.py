@@ -80,8 +80,10 @@ def test_bad_inputs_say_how_to_fix():
     h, w, _, y = inputs(4, 8, 20, torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"weight must be \(vocab, 8\)"):
         swkernels.fused_linear_cross_entropy(h, w.t(), y)
-    with pytest.raises(ValueError, match="reduction"):
-        swkernels.fused_linear_cross_entropy(h, w, y, reduction="none")
+    with pytest.raises(ValueError, match="reduction must be 'mean', 'sum' or 'none', got 'avg'"):
+        swkernels.fused_linear_cross_entropy(h, w, y, reduction="avg")
+    with pytest.raises(ValueError, match="lse_square_scale"):
+        swkernels.fused_linear_cross_entropy(h, w, y, lse_square_scale=-1e-4)
 
 
 def test_custom_op_registration_is_consistent(device):
