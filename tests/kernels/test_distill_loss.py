@@ -11,7 +11,7 @@ from swkernels.ops.distill_loss import distill_loss_fwd
 from tests.utils import collect_each_op
 
 KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.5), ("jsd", 1.0)]
-TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def rel(a, b):
@@ -38,6 +38,71 @@ def test_loss_and_grad_match_reference(kind, beta, dtype, temperature, device):
     torch.testing.assert_close(loss, ref, rtol=TOL[dtype], atol=1e-6)
     assert rel(g, gr) < TOL[dtype]
     assert torch.count_nonzero(g[[2, 7]]) == 0  # ignored tokens get no gradient
+
+
+def peer_divergence(s, t, kind, beta, temperature):
+    """The peer: per-token divergence by torch's kl_div(reduction="none") on log-softmaxed logits."""
+    lq, lp = F.log_softmax(s.float() / temperature, -1), F.log_softmax(t.float() / temperature, -1)
+
+    def kl(log_m, log_target):  # KL(target ‖ m)
+        return F.kl_div(log_m, log_target, log_target=True, reduction="none").sum(-1)
+
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+        return kl(lq, lp)
+    if kind == "reverse_kl" or beta == 1.0:
+        return kl(lp, lq)
+    lm = torch.log(beta * lp.exp() + (1 - beta) * lq.exp())
+    return beta * kl(lm, lp) + (1 - beta) * kl(lm, lq)
+
+
+def _reduction_case(kind, beta, reduction, dtype, t2, backend, device):
+    """Logits (3, 7, 131), two ignored tokens, T = 2; loss and gradient under a random upstream
+    gradient (per token for "none") vs the reference and torch's kl_div."""
+    s = logits(21, 131, dtype, device).reshape(3, 7, 131).requires_grad_()
+    t = logits(21, 131, dtype, device, 2.0).reshape(3, 7, 131)
+    labels = torch.randint(0, 131, (3, 7), device=device)
+    labels[0, 2] = labels[2, 6] = -100
+    kw = dict(labels=labels, scale_by_t2=t2, reduction=reduction)
+    with swkernels.force_backend(backend):
+        loss = swkernels.distill_loss(s, t, kind, 2.0, beta, **kw)
+    assert loss.dtype == torch.float32 and loss.shape == ((3, 7) if reduction == "none" else ())
+    upstream = torch.randn(loss.shape, device=device) if reduction == "none" else torch.tensor(1.3, device=device)
+    (g,) = torch.autograd.grad(loss, s, upstream)
+    valid = labels != -100
+    per = torch.where(valid, peer_divergence(s, t, kind, beta, 2.0), 0.0) * (4.0 if t2 else 1.0)
+    peer = {"none": per, "sum": per.sum(), "mean": per.sum() / valid.sum()}[reduction]
+    for want in (reference.distill_loss(s, t, kind, 2.0, beta, **kw), peer):
+        torch.testing.assert_close(loss, want, rtol=TOL[dtype], atol=1e-6)
+        (g_want,) = torch.autograd.grad(want, s, upstream)
+        assert g.dtype == g_want.dtype and rel(g, g_want) < TOL[dtype]
+    if reduction == "none":  # ignored tokens: exactly 0, loss and gradient
+        assert loss[0, 2] == loss[2, 6] == 0 and torch.count_nonzero(g[0, 2]) == torch.count_nonzero(g[2, 6]) == 0
+
+
+REDUCTION_CASES = [  # kind, beta, reduction, dtype, × T², backend
+    ("forward_kl", 0.5, "none", torch.float32, True, "triton"),
+    ("jsd", 0.5, "none", torch.bfloat16, False, "triton"),
+    ("reverse_kl", 0.5, "none", torch.float16, True, "triton"),
+    ("jsd", 1.0, "none", torch.float32, False, "triton"),
+    ("jsd", 0.3, "sum", torch.float32, True, "triton"),
+    ("forward_kl", 0.5, "sum", torch.float16, False, "triton"),
+    ("reverse_kl", 0.5, "mean", torch.bfloat16, True, "triton"),
+    ("jsd", 0.5, "none", torch.float32, True, "torch"),  # the CPU fallback
+    ("reverse_kl", 0.5, "sum", torch.bfloat16, False, "torch"),
+]
+
+
+@pytest.mark.parametrize("kind,beta,reduction,dtype,t2,backend", REDUCTION_CASES)
+def test_reductions_match_reference_and_torch_kl_div(kind, beta, reduction, dtype, t2, backend, device):
+    _reduction_case(kind, beta, reduction, dtype, t2, backend, device)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,beta", KINDS, ids=[f"{k}-{b}" for k, b in KINDS])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_reductions_full_matrix(kind, beta, reduction, dtype, device):
+    _reduction_case(kind, beta, reduction, dtype, True, "triton", device)
 
 
 @pytest.mark.parametrize("v", [301, 32001])
@@ -71,12 +136,16 @@ def test_bad_inputs_say_how_to_fix():
         swkernels.distill_loss(torch.randn(2, 10), torch.randn(2, 12))
     with pytest.raises(ValueError, match="forward_kl, reverse_kl, jsd"):
         swkernels.distill_loss(torch.randn(2, 10), torch.randn(2, 10), kind="kl")
+    with pytest.raises(ValueError, match="reduction must be 'mean', 'sum' or 'none', got 'batchmean'"):
+        swkernels.distill_loss(torch.randn(2, 10), torch.randn(2, 10), reduction="batchmean")
 
 
-def test_custom_op_registration_is_consistent(device):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_custom_op_registration_is_consistent(reduction, device):
     with torch.device(device):  # the GPU when present: its kernels, its allocations
         s, t = torch.randn(4, 33, requires_grad=True), torch.randn(4, 33)
-        torch.library.opcheck(distill_loss_fwd, (s, t, torch.ones(4, dtype=torch.int8), 2, 1.5, 0.4, True))
+        valid = torch.tensor([1, 0, 1, 1], dtype=torch.int8)
+        torch.library.opcheck(distill_loss_fwd, (s, t, valid, 2, 1.5, 0.4, True, reduction))
 
 
 def test_fake_impl_allocates_what_the_kernel_allocates(device):
