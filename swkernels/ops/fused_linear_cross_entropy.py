@@ -22,6 +22,7 @@ hidden states (Liger's rule), optionally capped by ``max_chunk_bytes``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -189,13 +190,26 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     check_lse_square_scale(lse_square_scale)
     check_labels(y, weight.shape[0], ignore_index, "fused_linear_cross_entropy")
     rows = select_backend("fused_linear_cross_entropy", h2)  # the torch fallback keeps the chunking
-    w = weight.to(h2.dtype) if weight.dtype != h2.dtype else weight
-    b = bias.to(h2.dtype) if bias is not None and bias.dtype != h2.dtype else bias
+    dtype, autocast_off = matmul_dtype(h2)
+    h2, w = h2.to(dtype), weight.to(dtype)
+    b = bias.to(dtype) if bias is not None else None
     weight_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
     chunk = chunk_size(h2.shape[0], weight.shape[0], H, h2.element_size(), max_chunk_bytes)
-    loss, *_ = fused_linear_ce_fwd(h2.contiguous(), w, b, y.contiguous(), int(ignore_index), float(label_smoothing),
-                                   float(softcap or 0.0), chunk, weight_grad, reduction, rows, float(lse_square_scale))
+    with autocast_off:
+        loss, *_ = fused_linear_ce_fwd(h2.contiguous(), w, b, y.contiguous(), int(ignore_index),
+                                       float(label_smoothing), float(softcap or 0.0), chunk, weight_grad, reduction,
+                                       rows, float(lse_square_scale))
     return loss.reshape(labels.shape) if reduction == "none" else loss
+
+
+def matmul_dtype(hidden: torch.Tensor):
+    """The LM-head matmul's dtype: hidden's, or under autocast the autocast dtype, as F.linear would
+    use; and a context to run the op in with autocast off (its buffers and ``out=`` matmuls keep
+    that one dtype)."""
+    device = hidden.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device), torch.autocast(device, enabled=False)
+    return hidden.dtype, contextlib.nullcontext()
 
 
 def check_lse_square_scale(lse_square_scale: float) -> None:

@@ -31,7 +31,7 @@ from swkernels import reference
 from swkernels._backend import select_backend
 from swkernels.ops._loss_kernels import launch_ce_rows, launch_distill_rows, row_scale
 from swkernels.ops.distill_loss import kind_code, reduce_losses, reduction_scale
-from swkernels.ops.fused_linear_cross_entropy import check_lse_square_scale, chunk_size
+from swkernels.ops.fused_linear_cross_entropy import check_lse_square_scale, chunk_size, matmul_dtype
 from swkernels.reference.losses import check_labels, check_reduction
 
 
@@ -258,12 +258,14 @@ def fused_linear_distill(student_hidden: torch.Tensor, student_head_weight: torc
     if alpha < 1.0:
         check_labels(y, vocab, ignore_index, "fused_linear_distill")
     rows = select_backend("fused_linear_distill", hs)  # the torch fallback keeps the chunking
-    dtype = hs.dtype
-    ws = student_head_weight.to(dtype)
+    dtype, autocast_off = matmul_dtype(hs)
+    hs, ws = hs.to(dtype), student_head_weight.to(dtype)
     chunk = chunk_size(n, ws.shape[0], H, hs.element_size(), max_chunk_bytes)
-    loss, _, _ = fused_linear_distill_fwd(
-        hs.contiguous(), ws, None if ht is None else ht.to(dtype).contiguous(), None if wt is None else wt.to(dtype),
-        None if lp is None else lp.to(dtype).contiguous(), None if idx is None else idx.contiguous(), y.contiguous(),
-        code, float(temperature), float(beta), float(alpha), int(ignore_index), vocab, chunk, bool(scale_by_t2),
-        student_head_weight.requires_grad, rows, reduction, float(lse_square_scale))
+    with autocast_off:
+        loss, _, _ = fused_linear_distill_fwd(
+            hs.contiguous(), ws, None if ht is None else ht.to(dtype).contiguous(),
+            None if wt is None else wt.to(dtype), None if lp is None else lp.to(dtype).contiguous(),
+            None if idx is None else idx.contiguous(), y.contiguous(), code, float(temperature), float(beta),
+            float(alpha), int(ignore_index), vocab, chunk, bool(scale_by_t2), student_head_weight.requires_grad, rows,
+            reduction, float(lse_square_scale))
     return loss.reshape(student_hidden.shape[:-1]) if reduction == "none" else loss
