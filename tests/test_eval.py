@@ -95,8 +95,14 @@ def run_dir(model_dir, tmp_path_factory) -> Path:
     return run
 
 
-def invoke(*args: str):
-    """The command mounted as the CLI owner mounts it: app.command("eval")(eval_command)."""
+class Result:
+    def __init__(self, code: int, stdout: str, stderr: str):
+        self.exit_code, self.stdout, self.stderr = code, stdout, stderr
+
+
+def invoke(*args: str) -> Result:
+    """The command mounted as swengine/cli.py mounts it (app.command("eval")(eval_command)), with a
+    UserError ending as swengine.cli.main ends it: "error: <message>" on stderr, exit code 2."""
     app = typer.Typer()
     app.command("eval")(eval_command)
 
@@ -104,7 +110,12 @@ def invoke(*args: str):
     def _noop() -> None:  # a second command keeps Typer in subcommand mode
         pass
 
-    return CliRunner().invoke(app, ["eval", *args])
+    r = CliRunner().invoke(app, ["eval", *args])
+    if isinstance(r.exception, UserError):
+        return Result(2, r.stdout, r.stderr + f"error: {r.exception}\n")
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return Result(r.exit_code, r.stdout, r.stderr)
 
 
 # ---------------------------------------------------------------- sliding windows
@@ -124,8 +135,10 @@ def test_windows_score_every_token_once(n, window, stride):
         assert set(scored) == set(range(1, n)) - set(range(0, n, window))
 
 
-def hf_doc_nll(model, ids: torch.Tensor, window: int, stride: int) -> tuple[float, int]:
-    """The Hugging Face docs' "perplexity of fixed-length models" loop, on full logits."""
+def hf_doc_nll(model, ids: torch.Tensor, window: int, stride: int,
+               targets: torch.Tensor | None = None) -> tuple[float, int]:
+    """The Hugging Face docs' "perplexity of fixed-length models" loop, on full logits (tokens
+    where ``targets`` is False are labelled -100 as well)."""
     total, count, prev_end, n = 0.0, 0, 0, ids.numel()
     with torch.no_grad():
         for begin in range(0, n, stride):
@@ -134,6 +147,8 @@ def hf_doc_nll(model, ids: torch.Tensor, window: int, stride: int) -> tuple[floa
             x = ids[begin:end][None]
             target = x.clone()
             target[:, :-trg_len] = -100
+            if targets is not None:
+                target[0, ~targets[begin:end]] = -100
             logits = model(x).logits.float()
             labels = target[:, 1:].reshape(-1)
             total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels, reduction="sum").item()
@@ -175,6 +190,19 @@ def test_perplexity_equals_brute_force(tiny_pair, n, window, stride):
     assert got.windows == len(plan_windows(n, window, stride))
 
 
+def test_perplexity_scores_only_target_tokens(tiny_pair):
+    """Instruction data counts completions only: the same windows, prompts labelled -100."""
+    ref, ours = tiny_pair
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 508, (90,), generator=gen)
+    targets = torch.rand(90, generator=gen) < 0.4
+    with swkernels.force_backend("torch"):
+        got = sliding_window_nll(ours, ids.tolist(), 32, 13, targets=targets.tolist())
+    want, count = hf_doc_nll(ref, ids, 32, 13, targets)
+    assert got.tokens == count == int(targets[1:].sum())
+    assert got.nll_sum == pytest.approx(want, rel=1e-5)
+
+
 def test_perplexity_under_the_triton_interpreter(tiny_pair):
     """The same number with every swkernels op (RoPE, RMSNorm, SiLU·mul, fused linear CE) interpreted."""
     ref, ours = tiny_pair
@@ -198,7 +226,22 @@ def test_token_stream_concatenates_records(tokenizer, tmp_path):
     one = [1, *tokenizer("the grass is green", add_special_tokens=False)["input_ids"], 2]
     two = [1, *tokenizer("the sky", add_special_tokens=False)["input_ids"], 2]
     assert s.ids == one + two and s.documents == 2 and s.format == "text"
+    assert all(s.targets) and s.scored == len(s.ids) - 1  # text: every token counts
     assert token_stream(str(p), tokenizer, max_tokens=3).ids == one[:3]
+
+
+def test_token_stream_scores_completions_as_training_does(tokenizer, tmp_path):
+    from swengine.data.formats import to_example
+
+    p = tmp_path / "chat.jsonl"
+    rec = {"messages": [{"role": "user", "content": "Reverse: red fish"},
+                        {"role": "assistant", "content": "fish red"}]}
+    p.write_text(json.dumps(rec) + "\n" + json.dumps(rec) + "\n")
+    ex = to_example(rec, "messages", tokenizer)
+    s = token_stream(str(p), tokenizer)
+    assert s.format == "messages" and s.ids == ex.input_ids * 2
+    assert s.targets == [label != -100 for label in ex.labels] * 2 and 0 < s.scored < len(s.ids) - 1
+    assert token_stream(str(p), tokenizer, all_tokens=True).scored == len(s.ids) - 1
 
 
 def test_data_too_small_is_one_line(tmp_path):
@@ -351,7 +394,8 @@ def test_eval_model_dir_cli(model_dir, tmp_path, torch_backend):
     assert "length 256 exceeds the model's max_position_embeddings=128" in r.stderr
     assert a["passkey"] is None and "passkey prompt needs at least" in a["passkey_skipped"]  # 128 < the prompt
     assert [d["trials"] for d in b["passkey"]["depths"]] == [1, 1]
-    assert a["perplexity"]["tokens"] == b["perplexity"]["tokens"] == report["data"]["tokens"] - 1
+    assert a["perplexity"]["tokens"] == b["perplexity"]["tokens"] == report["data"]["scored_tokens"]
+    assert report["data"]["format"] == "messages" and not report["data"]["all_tokens"]  # assistant turns only
     assert (a["perplexity"]["window"], a["perplexity"]["stride"]) == (128, 64)
     assert report["model"]["kept_on_transformers"] == []
     assert 100 < a["perplexity"]["ppl"] < 2000  # a random model: about the vocabulary size (508)
@@ -436,7 +480,6 @@ def no_rope_dir(tmp_path_factory) -> Path:
     (["{run}", "--lengths", "64", "--adapter", "{run}"], "--adapter goes with a MODEL directory"),
     (["{empty}", "--lengths", "64"], "is neither a model directory"),
     (["{model}", "--lengths", "64", "--passkey-depths", "0,2"], "--passkey-depths: '2' is not a number in [0, 1]"),
-    (["{model}", "--lengths", "64", "--device", "tpu"], "--device must be one of"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, model_dir, run_dir, no_rope_dir, tmp_path):
     (tmp_path / "empty").mkdir()
@@ -448,6 +491,11 @@ def test_bad_input_exits_2_with_one_line(args, message, model_dir, run_dir, no_r
     last = r.stderr.rstrip("\n").split("\n")[-1]  # after any progress lines: the error, on one line
     assert last.startswith("error: ") and message in last and "Traceback" not in r.stderr, r.stderr
     assert r.stdout == ""
+
+
+def test_bad_choice_is_a_usage_error(model_dir):
+    r = invoke(str(model_dir), "--lengths", "64", "--device", "tpu")
+    assert r.exit_code == 2 and "'tpu' is not one of" in r.stderr
 
 
 def test_unknown_rope_type_in_the_run_is_one_line(run_dir, tmp_path):

@@ -34,12 +34,19 @@ def check_windows(lengths: Sequence[int], window: int | None, stride: int | None
     return out
 
 
+def run_data_settings(run_config: dict | None) -> tuple[str, bool]:
+    """The run's data.text_field and data.train_on_prompt (defaults: "text", False)."""
+    d = (run_config or {}).get("data") or {}
+    text_field = d.get("text_field") if isinstance(d.get("text_field"), str) else "text"
+    return text_field, d.get("train_on_prompt") is True
+
+
 def resolve_data(data: str | None, run_config: dict | None, log: Callable[[str], None]) -> tuple[str, str]:
     """(data file, text field): --data, else the run's data.eval, else the demo's eval data."""
     from swengine.model.load import DEMO_EVAL
 
     d = (run_config or {}).get("data") or {}
-    text_field = d.get("text_field") if isinstance(d.get("text_field"), str) else "text"
+    text_field = run_data_settings(run_config)[0]
     if data is not None:
         if not Path(data).expanduser().is_file():
             raise UserError(f"--data {data} not found; pass a .jsonl/.json/.parquet/.txt file")
@@ -83,8 +90,9 @@ def _passkey(loaded, length: int, depths: Sequence[float], trials: int, seed: in
 def run_eval(path: str, lengths: Sequence[int], *, adapter: str | None = None, data: str | None = None,
              window: int | None = None, stride: int | None = None, max_tokens: int | None = None,
              depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 5, seed: int = 0, device: str = "auto",
-             dtype: str = "auto", rope_scaling: dict | None = None,
+             dtype: str = "auto", rope_scaling: dict | None = None, all_tokens: bool | None = None,
              log: Callable[[str], None] = lambda _m: None) -> dict:
+    """``all_tokens``: score prompts too (None: the run's data.train_on_prompt, else False)."""
     from swengine.eval import passkey
     from swengine.eval.loading import load, resolve_target
     from swengine.eval.perplexity import fill_to, sliding_window_nll, token_stream
@@ -100,14 +108,25 @@ def run_eval(path: str, lengths: Sequence[int], *, adapter: str | None = None, d
     log(f"loading {target.base}" + (f" + adapter {target.adapter}" if target.adapter else "")
         + (f" with rope scaling {target.rope_scaling} ({target.rope_source})" if target.rope_scaling else ""))
     loaded = load(target, device, dtype)
-    stream = token_stream(data_path, loaded.tokenizer, text_field, max_tokens)
-    log(f"data: {stream.documents} records ({stream.format}) → {len(stream.ids):,} tokens")
+    if all_tokens is None:
+        all_tokens = run_data_settings(target.run_config)[1]
+    stream = token_stream(data_path, loaded.tokenizer, text_field, max_tokens, all_tokens)
+    log(f"data: {stream.documents} records ({stream.format}) → {len(stream.ids):,} tokens, {stream.scored:,} of "
+        "them scored" + ("" if stream.scored == len(stream.ids) - 1 else
+                         " (completions only, as in training; --all-tokens scores prompts too)"))
     warnings: list[str] = []
 
     def warn(message: str) -> None:
         warnings.append(message)
         log(f"warning: {message}")
 
+    mean_record = len(stream.ids) / stream.documents
+    spanning = [length for length in lengths if mean_record < length / 2]
+    if spanning and stream.documents > 1:
+        warn(f"the data's records average {mean_record:,.0f} tokens, so windows at length "
+             f"{', '.join(map(str, spanning))} span many unrelated records (a model trained on packed, isolated "
+             "documents never saw that); for long-context perplexity pass --data with documents of at least "
+             "the length")
     shortest = passkey.min_length(loaded.tokenizer)
     results = []
     for length, (w, s) in zip(lengths, plans, strict=True):
@@ -117,6 +136,7 @@ def run_eval(path: str, lengths: Sequence[int], *, adapter: str | None = None, d
                  f"{loaded.rope.get('rope_type', 'default')}): perplexity is still measured, but pass "
                  "--rope-scaling (or evaluate a context-extended run) to extend the model")
         ids, used = fill_to(stream.ids, length)
+        targets, _ = fill_to(stream.targets, length)
         if used > 1:
             warn(f"length {length}: the data has only {len(stream.ids):,} tokens, so it was repeated ({used:.2f}×) "
                  "to fill the length; repeated text lowers perplexity (pass --data with more text)")
@@ -125,7 +145,7 @@ def run_eval(path: str, lengths: Sequence[int], *, adapter: str | None = None, d
             if i == n or i % _every(n) == 0:
                 log(f"length {length}: perplexity window {i}/{n}")
 
-        ppl = sliding_window_nll(loaded.model, ids, w, s, loaded.device, progress)
+        ppl = sliding_window_nll(loaded.model, ids, w, s, loaded.device, progress, targets)
         row = {"length": length, "beyond_max_positions": beyond,
                "perplexity": {"ppl": ppl.ppl, "nll": _finite(ppl.nll), "nll_sum": _finite(ppl.nll_sum), "tokens": ppl.tokens,
                               "window": w, "stride": s, "windows": ppl.windows, "stream_tokens": len(ids),
@@ -151,7 +171,8 @@ def run_eval(path: str, lengths: Sequence[int], *, adapter: str | None = None, d
                   "rope_source": target.rope_source, "max_position_embeddings": loaded.max_positions,
                   "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
                   "kept_on_transformers": loaded.kept},
-        "data": {"path": stream.path, "format": stream.format, "records": stream.documents, "tokens": len(stream.ids)},
+        "data": {"path": stream.path, "format": stream.format, "records": stream.documents, "tokens": len(stream.ids),
+                 "scored_tokens": stream.scored, "all_tokens": all_tokens},
         "settings": {"lengths": list(lengths), "window": window, "stride": stride, "max_tokens": max_tokens,
                      "passkey_depths": list(depths), "passkey_trials": trials, "seed": seed},
         "results": results,
