@@ -227,7 +227,8 @@ def test_token_stream_concatenates_records(tokenizer, tmp_path):
     two = [1, *tokenizer("the sky", add_special_tokens=False)["input_ids"], 2]
     assert s.ids == one + two and s.documents == 2 and s.format == "text"
     assert all(s.targets) and s.scored == len(s.ids) - 1  # text: every token counts
-    assert token_stream(str(p), tokenizer, max_tokens=3).ids == one[:3]
+    first = token_stream(str(p), tokenizer, max_tokens=3)
+    assert first.ids == one[:3] and first.documents == 1
 
 
 def test_token_stream_scores_completions_as_training_does(tokenizer, tmp_path):
@@ -284,6 +285,16 @@ def test_passkey_prompt(tokenizer, length, depth):
     assert p.input_ids[0] == tokenizer.bos_token_id
     assert tokenizer.decode(p.answer_ids).strip() == key
     assert p.input_ids[:p.answer_start] == [1, *tokenizer(p.text, add_special_tokens=False)["input_ids"]]
+
+
+def test_long_prompt_needs_few_tokenizations(tokenizer, monkeypatch):
+    """The filler count converges in a few whole-prompt tokenizations, not one per sentence (at 32K
+    that was ~200 of them: 8 s with the demo tokenizer)."""
+    calls = []
+    encode = passkey.encode
+    monkeypatch.setattr(passkey, "encode", lambda *a: calls.append(1) or encode(*a))
+    p = passkey.build_prompt(tokenizer, 32768, 0.5, "12345")
+    assert 32768 - 12 <= len(p.input_ids) <= 32768 and len(calls) <= 10
 
 
 def test_passkeys_are_seeded():

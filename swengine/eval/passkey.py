@@ -94,6 +94,15 @@ def build_prompt(tokenizer, length: int, depth: float, passkey: str) -> PasskeyP
     per_sentence = max((len(probe.input_ids) - len(base.input_ids)) / len(FILLER), 1.0)
     n = max(int((length - len(base.input_ids)) / per_sentence), 0)
     best = make(n)
+    for _ in range(8):  # secant steps with the measured tokens per sentence (sentences join with fewer)
+        if n == 0:
+            break
+        rate = max((len(best.input_ids) - len(base.input_ids)) / n, 1e-3)
+        step = int((length - len(best.input_ids)) / rate)
+        if step == 0:
+            break
+        n = max(n + step, 0)
+        best = make(n)
     while n > 0 and len(best.input_ids) > length:  # the estimate overshot: step down
         n -= 1
         best = make(n)

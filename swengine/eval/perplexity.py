@@ -42,7 +42,7 @@ class Stream:
     targets: list[bool]  # whether predicting this token counts (never the first: nothing precedes it)
     path: str
     format: str
-    documents: int
+    documents: int  # records used (all, or those that --max-tokens reached into)
 
     @property
     def scored(self) -> int:
@@ -61,14 +61,16 @@ def token_stream(path: str, tokenizer, text_field: str = "text", max_tokens: int
     check_fields(records, fmt, path, text_field, where)
     ids: list[int] = []
     targets: list[bool] = []
+    used = 0
     for record in records:
         ex = to_example(record, fmt, tokenizer, train_on_prompt=all_tokens, text_field=text_field)
         ids += ex.input_ids
         targets += [label != IGNORE for label in ex.labels]
+        used += 1
         if max_tokens is not None and len(ids) >= max_tokens:
             ids, targets = ids[:max_tokens], targets[:max_tokens]
             break
-    stream = Stream(ids, targets, path, fmt, len(records))
+    stream = Stream(ids, targets, path, fmt, used)
     if len(ids) < 2 or not stream.scored:
         what = f"{len(ids)} token(s)" if len(ids) < 2 else f"{len(ids)} tokens, none of them a completion to score"
         raise UserError(f"{path} tokenizes to {what}: too little to fill even one window; pass a larger --data file"
