@@ -490,6 +490,7 @@ def no_rope_dir(tmp_path_factory) -> Path:
     (["{model}", "--lengths", "64", "--data", "{missing}"], "--data"),
     (["{run}", "--lengths", "64", "--adapter", "{run}"], "--adapter goes with a MODEL directory"),
     (["{empty}", "--lengths", "64"], "is neither a model directory"),
+    (["{model}", "--lengths", "64", "--out", "{empty}"], "is a directory; pass a file path"),
     (["{model}", "--lengths", "64", "--passkey-depths", "0,2"], "--passkey-depths: '2' is not a number in [0, 1]"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, model_dir, run_dir, no_rope_dir, tmp_path):
@@ -515,3 +516,14 @@ def test_unknown_rope_type_in_the_run_is_one_line(run_dir, tmp_path):
     (bad / "config.yaml").write_text(yaml.safe_dump({"context": {"rope_scaling": {"rope_type": "warp"}}}))
     r = invoke(str(bad), "--lengths", "64")
     assert r.exit_code == 2 and "run config context.rope_scaling: unknown rope type 'warp'" in r.stderr
+
+
+def test_cli_module_imports_no_torch():
+    """`swengine --help` stays fast: the command's module loads torch/transformers only when it runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys, swengine.eval.cli; heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'transformers', 'swkernels')); print(heavy); sys.exit(bool(heavy))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -84,7 +84,10 @@ def eval_command(
     parsed_lengths = parse_lengths(lengths)
     depths = parse_depths(passkey_depths)
     from swengine.eval.loading import parse_rope_scaling
-    from swengine.eval.report import render, write_json
+    from swengine.eval.report import check_out, render, write_json
+
+    if out:
+        check_out(out)  # before minutes of evaluation, not after
     from swengine.eval.runner import run_eval
 
     report = run_eval(target, parsed_lengths, adapter=adapter, data=data, window=window, stride=stride,

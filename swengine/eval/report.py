@@ -51,12 +51,21 @@ def render(report: dict) -> str:
     return "\n".join([*head, "", line, *body, *([""] + notes if notes else [])])
 
 
-def write_json(report: dict, out: str) -> Path:
-    """Write the report to ``out`` through a temporary sibling and a rename: a reader never sees a
-    partial file, and a failed write leaves an existing file as it was."""
+def check_out(out: str) -> Path:
+    """--out as a path, refused before the evaluation runs when it names a directory or lies under a file."""
     path = Path(out).expanduser()
     if path.is_dir():
         raise UserError(f"--out {out} is a directory; pass a file path, e.g. {path / 'eval.json'}")
+    parent = next((q for q in path.parents if q.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is a file, not a directory; pick another --out")
+    return path
+
+
+def write_json(report: dict, out: str) -> Path:
+    """Write the report to ``out`` through a temporary sibling and a rename: a reader never sees a
+    partial file, and a failed write leaves an existing file as it was."""
+    path = check_out(out)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
