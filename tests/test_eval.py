@@ -447,9 +447,9 @@ def test_eval_run_dir_uses_the_runs_rope_and_adapter(run_dir, model_dir, tokeniz
     got = report["results"][0]["perplexity"]
     assert got["tokens"] == count and got["nll_sum"] == pytest.approx(want, rel=1e-5)
 
-    # the same through MODEL --adapter; without the adapter the number changes
-    same = run_eval(str(model_dir), [64], adapter=str(run_dir), data=str(data), trials=0,
-                    rope_scaling={"rope_type": "linear", "factor": 2.0})
+    # the same through MODEL --adapter RUN (the run's scaling found the same way); without the adapter it changes
+    same = run_eval(str(model_dir), [64], adapter=str(run_dir), data=str(data), trials=0)
+    assert same["model"]["rope_source"] == "run config context.rope_scaling"
     assert same["results"][0]["perplexity"]["nll_sum"] == pytest.approx(got["nll_sum"], rel=1e-6)
     base = run_eval(str(model_dir), [64], data=str(data), trials=0, rope_scaling={"rope_type": "linear", "factor": 2.0})
     assert base["results"][0]["perplexity"]["nll_sum"] != pytest.approx(got["nll_sum"], rel=1e-3)

@@ -2,11 +2,12 @@
 
 The positional argument is either a Hugging Face model directory (``config.json``; e.g. a merged
 model), optionally with ``--adapter DIR``, or a `swengine train` output directory (its
-``adapter/``; a checkpoint directory or a bare adapter directory works too). For a run, the base
-model is loaded with the RoPE scaling the run trained with, found (first hit wins) in:
-``--rope-scaling``; the adapter's ``adapter_config.json`` (``rope_scaling`` / ``rope_parameters``);
-the run's config (``config.yaml`` next to the adapter or in the run directory, else the newest
-checkpoint's, else the last ``run_start`` event of ``metrics.jsonl``): ``context.rope_scaling``.
+``adapter/``; a checkpoint directory or a bare adapter directory works too). For a run (also one
+given as ``--adapter``) the base model is loaded with the RoPE scaling the run trained with, found
+(first hit wins) in: ``--rope-scaling``; the adapter's ``adapter_config.json`` (``rope_scaling`` /
+``rope_parameters``); the run's config (``config.yaml`` next to the adapter or in the run
+directory, else the newest checkpoint's, else the last ``run_start`` event of ``metrics.jsonl``):
+``context.rope_scaling``.
 The model is then patched like the training model (our RoPE kernel, fused attention, MLP and
 RMSNorms), the adapter's weights are copied in, and it is put in eval mode.
 """
@@ -127,9 +128,21 @@ def _base_of(adapter: Path, adapter_cfg: dict) -> str:
     return model_load.model_path(base)
 
 
+def _from_adapter(found: Path, base: str | None) -> Target:
+    """An adapter (in a run's adapter/, a checkpoint, or alone) with its run's config and RoPE scaling."""
+    from swengine.model.adapter import read_adapter_config
+
+    cfg = read_adapter_config(found)
+    run_dir = found.parent if found.name == "adapter" else (
+        found.parent.parent if found.parent.name == "checkpoints" else None)
+    run_config = read_run_config(found, run_dir)
+    rope, source = _run_rope(cfg, run_config)
+    return Target(base=base or _base_of(found, cfg), adapter=found, run_dir=run_dir, run_config=run_config,
+                  rope_scaling=rope, rope_source=source)
+
+
 def resolve_target(path: str, adapter: str | None = None, rope_scaling: dict | None = None) -> Target:
     """RUN_DIR | MODEL [+ --adapter] → what to load, with the RoPE scaling to apply."""
-    from swengine.model.adapter import read_adapter_config
     from swengine.train.merge import find_adapter
 
     p = Path(path).expanduser()
@@ -141,9 +154,7 @@ def resolve_target(path: str, adapter: str | None = None, rope_scaling: dict | N
             a = Path(adapter).expanduser()
             if not a.exists():
                 raise UserError(f"--adapter {adapter} not found; pass an adapter directory or a run directory")
-            target.adapter = find_adapter(str(a))
-            rope, source = _run_rope(read_adapter_config(target.adapter), None)
-            target.rope_scaling, target.rope_source = rope, source
+            target = _from_adapter(find_adapter(str(a)), str(p))
     else:
         if adapter is not None:
             raise UserError(f"--adapter goes with a MODEL directory; {path} is not one (no config.json): pass the base "
@@ -157,13 +168,7 @@ def resolve_target(path: str, adapter: str | None = None, rope_scaling: dict | N
             raise UserError(f"{path} is neither a model directory (no config.json) nor a run directory (no "
                             "adapter/adapter_config.json); pass a `swengine train` output directory or a model "
                             "directory") from None
-        cfg = read_adapter_config(found)
-        run_dir = found.parent if found.name == "adapter" else (
-            found.parent.parent if found.parent.name == "checkpoints" else None)
-        run_config = read_run_config(found, run_dir)
-        rope, source = _run_rope(cfg, run_config)
-        target = Target(base=_base_of(found, cfg), adapter=found, run_dir=run_dir, run_config=run_config,
-                        rope_scaling=rope, rope_source=source)
+        target = _from_adapter(found, None)
     check_has_rope(target.base)
     if rope_scaling is not None:
         target.rope_scaling, target.rope_source = rope_scaling, "--rope-scaling"
