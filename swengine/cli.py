@@ -1,29 +1,60 @@
-"""The `swengine` command line. One small function per command; the work lives in the modules."""
+"""The `swengine` command line. One small function per command; the work lives in the modules.
+
+Streams: stdout carries the command's result (the plan table, YAML, JSON, a summary); progress
+and notices go to stderr. Exit codes are :data:`EXIT_CODES` (also in ``swengine --help``).
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from typing import Literal
 
 import typer
 
+from swengine import SCHEMA_VERSION
 from swengine.errors import UserError
 
-PLANNED = "eval, rollback, report"
+EXIT_CODES = {
+    0: "ok",
+    1: "the answer is no (the plan does not fit, kernels unhealthy)",
+    2: "usage error or bad input (one line saying how to fix it)",
+    3: "training stopped by a failure (non-finite loss, out of memory, disk full)",
+    130: "interrupted by Ctrl-C (143: SIGTERM); a checkpoint was saved: --resume auto",
+}
+PLANNED = "rollback, report"
 
 app = typer.Typer(
     name="swengine",
     help="Fine-tune open LLMs fast on one consumer GPU (LoRA/QLoRA, context extension, distillation).",
-    epilog=f"Planned, not yet available: {PLANNED}.",
+    # "\b" keeps click from re-wrapping the table
+    epilog="\b\nExit codes:\n" + "\n".join(f"  {code:<4} {what}" for code, what in EXIT_CODES.items())
+    + f"\n\nPlanned, not yet available: {PLANNED}.",
     no_args_is_help=True,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,  # plain click help: switches shown as switches, no box drawing
     pretty_exceptions_enable=False,
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from swengine import __version__
+
+        typer.echo(f"swengine {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
     """Fine-tune open LLMs fast on one consumer GPU (LoRA/QLoRA, context extension, distillation)."""
+
+
+def print_json(data: dict) -> None:
+    typer.echo(json.dumps({"schema_version": SCHEMA_VERSION, **data}, indent=2))
 
 
 @app.command()
@@ -33,11 +64,16 @@ def doctor(
                                  "and fail on register spills or shared-memory overflow."),
     arch: list[int] = typer.Option(None, "--arch", help="With --kernels: only this compute capability, e.g. 86."),
 ) -> None:
-    """Show versions, CUDA and GPUs (via NVML), the kernel backend, and optionally kernel health."""
+    """Show versions, CUDA and GPUs (via NVML), the kernel backend, and optionally kernel health.
+
+    Exit 0: healthy; 1: a kernel fails the health check; 2: bad input."""
     from swengine.doctor import collect, render
 
     report = collect(kernels=kernels, archs=arch or None)
-    typer.echo(json.dumps(report, indent=2) if as_json else render(report))
+    if as_json:
+        print_json(report)
+    else:
+        typer.echo(render(report))
     if report["kernel_health"] is not None and not report["kernel_health"]["ok"]:
         raise typer.Exit(1)
 
@@ -55,10 +91,12 @@ def plan(
     rank: int = typer.Option(None, "--rank", help="LoRA rank (default: the planner chooses)."),
     qlora: bool = typer.Option(None, "--qlora/--no-qlora", help="Force / forbid NF4 base weights (default: decide)."),
     teacher: str = typer.Option(None, "--teacher", help="Distillation teacher model (preset/dir/config.json)."),
-    teacher_quant: str = typer.Option("none", "--teacher-quant", help="Teacher weights: none (bf16) or nf4-dq."),
-    lora_impl: str = typer.Option("swkernels", "--lora-impl", help="LoRA layers: swkernels (fused kernels) or peft."),
-    loss: str = typer.Option("fused", "--loss", help="fused (chunked linear+CE, no full logits) or unfused "
-                             "(transformers' fp32 logits)."),
+    teacher_quant: Literal["none", "nf4", "nf4-dq"] = typer.Option("none", "--teacher-quant",
+                                      help="With --teacher: its weights, none (bf16) or NF4."),
+    lora_impl: Literal["swkernels", "peft"] = typer.Option("swkernels", "--lora-impl",
+                                  help="LoRA layers: swkernels (fused kernels) or peft."),
+    loss: Literal["fused", "unfused"] = typer.Option("fused", "--loss",
+                             help="fused (chunked linear+CE, no full logits) or unfused (transformers' fp32 logits)."),
     max_ctx: bool = typer.Option(False, "--max-context", help="Also report the longest sequence that fits."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (specs/plan.schema.json)."),
 ) -> None:
@@ -70,10 +108,15 @@ def plan(
     from swengine.planner.cli import make_plan
     from swengine.planner.report import render, to_dict
 
+    if teacher_quant != "none" and not teacher:
+        raise UserError(f"--teacher-quant {teacher_quant} needs --teacher MODEL")
     result = make_plan(model, gpu=gpu, vram_gib=vram, seq_len=seq_len, batch=batch, rank=rank, qlora=qlora,
                        teacher=teacher, teacher_quant=teacher_quant, lora_impl=lora_impl, loss=loss,
                        want_max_context=max_ctx)
-    typer.echo(json.dumps(to_dict(result), indent=2) if as_json else render(result))
+    if as_json:
+        print_json(to_dict(result))
+    else:
+        typer.echo(render(result))
     if not result.fits:
         raise typer.Exit(1)
 
@@ -93,17 +136,15 @@ def train(
                                    "is moved to output_dir/archive/<time>/, never deleted."),
 ) -> None:
     """Fine-tune with LoRA/QLoRA. With no arguments: the embedded offline demo (tiny model, CPU-friendly).
-    Exit codes: 2 bad input, 3 stopped by a failure (e.g. disk full), 130/143 stopped by SIGINT/SIGTERM
-    (a checkpoint was saved; continue with --resume auto)."""
-    from swengine.train.cli import run_train
-    from swengine.train.stops import RunStopped
 
-    try:
-        run_train(args or [], resume=resume, auto=auto or None, gpu=gpu, dry_run=dry_run,
-                  strict_kernels=strict_kernels, overwrite=overwrite)
-    except RunStopped as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(exc.code) from None
+    Progress goes to stderr (logging.progress=false keeps only notices); the summary to stdout;
+    with --dry-run the resolved config as YAML on stdout. Exit 2: bad input; 3: stopped by a
+    failure (non-finite loss, out of memory, disk full); 130/143: stopped by SIGINT/SIGTERM (a
+    checkpoint was saved; continue with --resume auto)."""
+    from swengine.train.cli import run_train
+
+    run_train(args or [], resume=resume, auto=auto or None, gpu=gpu, dry_run=dry_run,
+              strict_kernels=strict_kernels, overwrite=overwrite)
 
 
 @app.command()
@@ -111,7 +152,8 @@ def merge(
     run_or_adapter: str = typer.Argument(..., help="A run directory (its adapter/) or an adapter directory."),
     out: str = typer.Option(..., "--out", help="Where to write the merged model."),
     base: str = typer.Option(None, "--base", help="Base model path (default: the adapter's base_model_name_or_path)."),
-    dtype: str = typer.Option("fp32", "--dtype", help="Weights dtype of the merged model: fp32, bf16 or fp16."),
+    dtype: Literal["fp32", "bf16", "fp16"] = typer.Option("fp32", "--dtype",
+                              help="Weights dtype of the merged model."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out (never the base model's "
                                    "directory)."),
 ) -> None:
@@ -125,15 +167,52 @@ def merge(
     typer.echo(f"merged model written to {path}  (AutoModelForCausalLM.from_pretrained({str(path)!r}))")
 
 
-def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+from swengine.eval.cli import eval_command  # noqa: E402  (typer + stdlib only at import)
+
+app.command("eval")(eval_command)
+
+
+def _fail(message: str, code: int, as_json: bool, hint: str | None = None, prefix: str = "error: ") -> None:
+    """One line on stderr, or with --json a JSON error on stdout ({"error", "hint"}); then exit."""
+    if as_json:
+        print_json({"error": message.removeprefix("error: "), "hint": hint, "exit_code": code})
+    else:
+        typer.echo(prefix + message + (f"; {hint}" if hint else ""), err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: every ending has its exit code (:data:`EXIT_CODES`) and at most one
+    line of explanation; no tracebacks for user errors, failures or interrupts."""
+    from swengine.train.stops import FAILED, RunStopped
     from swkernels._backend import BackendError
 
+    args = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in args
     try:
-        app()
-    except (UserError, BackendError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        code = app(args=args, prog_name="swengine", standalone_mode=False)
+    except typer.TyperException as exc:  # usage: unknown option, bad choice, missing argument
+        if as_json or not hasattr(exc, "show"):
+            _fail(exc.format_message(), 2, as_json, "see --help")
+        exc.show()
         sys.exit(2)
+    except typer.Abort:
+        _fail("interrupted", 130, as_json)
+    except (UserError, BackendError) as exc:
+        message, _, hint = str(exc).partition("; ")
+        _fail(message, 2, as_json, hint or None)
+    except RunStopped as exc:  # its message says how the run ended ("stopped by SIGTERM ...", "error: ...")
+        _fail(str(exc), exc.code, as_json, prefix="")
+    except KeyboardInterrupt:
+        _fail("interrupted", 130, as_json)
+    except MemoryError:
+        _fail("out of host memory", FAILED, as_json, "lower schedule.micro_batch_size or data.max_seq_len")
+    except Exception as exc:
+        if type(exc).__name__ != "OutOfMemoryError":  # torch's, outside training (which says more)
+            raise
+        _fail(f"out of GPU memory: {str(exc).splitlines()[0]}", FAILED, as_json,
+              "free the GPU or plan a smaller setup with swengine plan")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ class ModelConfig:
     path: str = ""  # local HF model directory or hub id; "" = the embedded demo model
     dtype: Literal["bf16", "fp16", "fp32", "auto"] = "auto"  # auto: bf16 where the GPU has it, else fp16
     attention: Literal["sdpa", "eager", "flash"] = "sdpa"
-    trust_remote_code: bool = False
     # a layer our kernels cannot take (unknown layout/activation/norm) is an error instead of a
     # warning line and the transformers path for that part
     strict_kernels: bool = False
@@ -100,25 +99,12 @@ class LoggingConfig:
 
 @dataclass
 class SafetyConfig:
-    enabled: bool = True
-    max_loss_spike: float = 3.0  # × the running mean
-    max_grad_norm_spike: float = 10.0
-    on_trip: Literal["stop", "rollback", "warn"] = "stop"
+    enabled: bool = True  # stop the run (exit 3) when the loss becomes NaN/inf
 
 
 @dataclass
 class ContextConfig:
     rope_scaling: dict[str, Any] = field(default_factory=dict)  # e.g. {"rope_type": "yarn", "factor": 4.0}
-    phases: list[int] = field(default_factory=list)  # e.g. [4096, 8192, 16384]
-
-
-@dataclass
-class DistillConfig:
-    teacher: str = ""
-    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    temperature: float = 1.0
-    alpha: float = 0.5
-    beta: float = 0.5
 
 
 @dataclass
@@ -138,11 +124,26 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+# Keys users may know from the docs of similar tools or earlier drafts that do nothing here (yet):
+# setting one is an error that says so, never a silently ignored value.
+NOT_YET = {
+    "context.phases": "training in context-extension phases is not available yet; train at one length "
+                      "with data.max_seq_len and context.rope_scaling",
+    "distill": "distillation training is not available yet (the losses are: swkernels.fused_linear_distill); "
+               "remove the distill section",
+    "safety.max_loss_spike": "the loss-spike circuit breaker is not available yet; safety.enabled stops a run "
+                             "whose loss becomes NaN/inf",
+    "safety.max_grad_norm_spike": "the gradient-norm circuit breaker is not available yet; optim.max_grad_norm "
+                                  "clips gradients",
+    "safety.on_trip": "circuit-breaker actions are not available yet; a non-finite loss stops the run (exit 3)",
+    "model.trust_remote_code": "swengine runs only architectures transformers implements natively (see "
+                               "`swengine plan --help` for presets); it never runs a model's remote code",
+}
 
 MAX_SEED = 2**32 - 1  # numpy's limit (torch and random take it too)
 
@@ -223,6 +224,9 @@ def _build(cls, data: dict, prefix: str = ""):
     hints = _hints(cls)
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
+    for key in unknown:
+        if f"{prefix}{key}" in NOT_YET:
+            raise UserError(f"{prefix}{key}: {NOT_YET[prefix + key]}")
     if unknown:
         raise UserError(f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}")
     kwargs = {}

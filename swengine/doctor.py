@@ -28,6 +28,7 @@ def collect(kernels: bool = False, archs: list[int] | None = None) -> dict:
     nvml = detect_gpus()
     cuda = torch.cuda.is_available()
     report = {
+        "schema_version": swengine.SCHEMA_VERSION,
         "swengine_version": swengine.__version__,
         "python": platform.python_version(),
         "platform": f"{platform.system()} {platform.machine()}",

@@ -45,3 +45,21 @@ def pytest_runtest_logreport(report):
         f.write(f"{report.outcome.upper()} {report.when} {report.nodeid} {report.duration:.2f}s\n")
         if report.failed:
             f.write(str(report.longrepr)[-4000:] + "\n----\n")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A tiny random Llama directory (with the demo tokenizer), built once per session."""
+    from tests.utils import make_model
+
+    return make_model(tmp_path_factory.mktemp("models"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_train_data(tmp_path_factory):
+    """The first 60 rows of the demo's training set, as a jsonl file."""
+    from swengine.model.load import DEMO_TRAIN
+
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("\n".join(DEMO_TRAIN.read_text().splitlines()[:60]) + "\n")
+    return path

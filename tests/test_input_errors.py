@@ -192,11 +192,13 @@ def test_plan_seq_len_beyond_max_positions_is_warned(tmp_path):
     assert short["warnings"] == [] and "warning:" not in render(make_plan(str(tmp_path), vram_gib=80.0, seq_len=512))
 
 
-def test_plan_cli_negative_vram_json_is_one_line_exit_2():
+def test_plan_cli_negative_vram_json_is_a_json_error_exit_2():
     proc = run_cli("plan", "--model", "llama-3.2-1b", "--gpu", "rtx-4090", "--vram", "-5", "--json",
                    env={"CUDA_VISIBLE_DEVICES": ""})
-    one_line_exit_2(proc, "--vram must be > 0")
-    assert proc.stdout == ""  # no JSON (schema-valid or not) on an error
+    assert proc.returncode == 2 and proc.stderr == "", proc.stderr[-2000:]
+    error = json.loads(proc.stdout)  # an error object, never a plan
+    jsonschema.validate(error, json.loads((ROOT / "specs" / "error.schema.json").read_text()))
+    assert error["error"].startswith("--vram must be > 0") and error["exit_code"] == 2
 
 
 # ------------------------------------------------------------------ merge

@@ -14,16 +14,7 @@ import logging
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma2Config,
-    Gemma3TextConfig,
-    LlamaConfig,
-    MistralConfig,
-    Phi3Config,
-    Qwen2Config,
-    Qwen3Config,
-)
+from transformers import AutoModelForCausalLM
 
 from swengine.errors import UserError
 from swengine.model.attention import implementation_for
@@ -31,20 +22,22 @@ from swengine.model.fused_attention import FusedAttention
 from swengine.model.fused_mlp import FusedMLP
 from swengine.model.patch import LoraSpec, patch
 from swkernels.nn import RMSNorm, RotaryEmbedding
+from tests.utils import config_classes
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=97, max_position_embeddings=128)
+_C = config_classes()
 CONFIGS = {
-    "llama": lambda: LlamaConfig(**TINY, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    "llama": lambda: _C["llama"](**TINY, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
-    "mistral": lambda: MistralConfig(**TINY, sliding_window=8),
-    "qwen2": lambda: Qwen2Config(**TINY, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+    "mistral": lambda: _C["mistral"](**TINY, sliding_window=8),
+    "qwen2": lambda: _C["qwen2"](**TINY, rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                       "original_max_position_embeddings": 32}),
-    "qwen3": lambda: Qwen3Config(**TINY, head_dim=16),
-    "phi3": lambda: Phi3Config(**TINY, partial_rotary_factor=0.5, pad_token_id=0),
-    "gemma2": lambda: Gemma2Config(**TINY, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+    "qwen3": lambda: _C["qwen3"](**TINY, head_dim=16),
+    "phi3": lambda: _C["phi3"](**TINY, partial_rotary_factor=0.5, pad_token_id=0),
+    "gemma2": lambda: _C["gemma2"](**TINY, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
                                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
-    "gemma3": lambda: Gemma3TextConfig(**TINY, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+    "gemma3": lambda: _C["gemma3"](**TINY, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
                                        rope_local_base_freq=100.0,
                                        layer_types=["sliding_attention", "full_attention"]),
 }

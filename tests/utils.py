@@ -1,6 +1,8 @@
-"""Shared test helpers: per-dtype tolerances and comparisons."""
+"""Shared test helpers: per-dtype tolerances and comparisons, tiny model directories, the CLI."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -51,3 +53,45 @@ def collect_each_op():
             return out
 
     return _Collect()
+
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256)
+_GEMMA = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=32)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+
+
+def config_classes() -> dict:
+    """family name → transformers config class (gemma3: the text-only config)."""
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
+
+    return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+            "phi3": Phi3Config, "gemma2": Gemma2Config, "gemma3": Gemma3TextConfig}
+
+
+def make_model(root: Path, family: str = "llama") -> Path:
+    """A tiny random model of ``family`` with the demo tokenizer, saved under ``root``."""
+    from transformers import AutoModelForCausalLM
+
+    from swengine.model.load import DEMO_MODEL, load_tokenizer
+
+    tok = load_tokenizer(str(DEMO_MODEL))
+    extra = _GEMMA if family.startswith("gemma") else {}
+    cfg = config_classes()[family](**SMALL, **extra, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    path = root / f"tiny-{family}"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

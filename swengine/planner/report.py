@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from swengine import SCHEMA_VERSION
 from swengine.planner.search import GiB, Plan
 
 LABELS = {
@@ -22,6 +23,7 @@ LABELS = {
 def to_dict(p: Plan) -> dict:
     e = p.estimate
     return {
+        "schema_version": SCHEMA_VERSION,
         "model": p.model,
         "gpu": p.gpu,
         "vram_bytes": p.vram_bytes,

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from swengine import SCHEMA_VERSION
 from swengine.errors import UserError
 
 EVENTS = ("run_start", "train", "eval", "checkpoint", "breaker", "run_end")
@@ -68,7 +69,7 @@ class MetricsLogger:
     def log(self, event: str, **fields) -> dict:
         if event not in EVENTS:
             raise ValueError(f"unknown telemetry event {event!r}")
-        record = {"event": event, "time": time.time(), "rank": self.rank, "phase": fields.pop("phase", None),
+        record = {"schema_version": SCHEMA_VERSION, "event": event, "time": time.time(), "rank": self.rank, "phase": fields.pop("phase", None),
                   "run_id": self.run_id, **fields}
         bad: list[str] = []
         record = _finite(record, "", bad)

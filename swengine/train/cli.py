@@ -23,8 +23,14 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
+def notice(message: str) -> None:
+    """Progress and notices go to stderr; stdout keeps the command's result."""
+    typer.echo(message, err=True)
+
+
 def apply_plan(cfg: TrainConfig, gpu: str | None) -> None:
-    """Ask the planner for this GPU and write its choices into the config."""
+    """Ask the planner for this GPU and write its choices into the config (the plan table goes
+    to stderr, so ``--auto --dry-run`` prints pure YAML on stdout)."""
     from swengine.model import load as model_load
     from swengine.planner.cli import make_plan
     from swengine.planner.report import render
@@ -34,7 +40,7 @@ def apply_plan(cfg: TrainConfig, gpu: str | None) -> None:
                        batch=cfg.schedule.micro_batch_size * cfg.schedule.grad_accumulation,
                        qlora=True if cfg.quantization.load_in_4bit else None, lora_impl=cfg.lora.impl,
                        loss="fused" if cfg.fused_loss else "unfused")
-    typer.echo(render(result))
+    notice(render(result))
     if not result.fits:
         raise UserError(f"the planner finds no setup that fits: {result.reasons[0]}")
     s = result.setup
@@ -62,7 +68,7 @@ def run_train(args: list[str], resume: str | None, auto: bool | None, gpu: str |
     if dry_run:
         typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
         return
-    result = Trainer(cfg, resume=resume, log=typer.echo, overwrite=overwrite).run()
+    result = Trainer(cfg, resume=resume, log=notice, overwrite=overwrite).run()
     out = Path(result.output_dir)
     typer.echo("")
     if result.first_eval_loss is not None and result.eval_loss is not None:

@@ -6,7 +6,6 @@ taken over with a message."""
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import socket
@@ -18,6 +17,20 @@ from pathlib import Path
 from swengine.errors import UserError
 
 LOCK_NAME = ".swengine.lock"
+
+
+def _lock_exclusive(fd: int) -> None:
+    """A non-blocking exclusive lock the OS drops when the process dies: flock on POSIX, a byte
+    lock via msvcrt on Windows (imported where used: each module exists on one OS only)."""
+    try:
+        import fcntl
+    except ImportError:
+        import msvcrt
+
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def new_run_id() -> str:
@@ -49,7 +62,7 @@ class RunLock:
             raise UserError(f"output_dir {self.path.parent} is not writable ({exc.strerror or exc}); "
                             "choose another output_dir") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_exclusive(fd)
         except OSError as exc:
             holder = _read(fd)
             os.close(fd)
@@ -68,7 +81,8 @@ class RunLock:
         data = (json.dumps(info) + "\n").encode()
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, data, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, data)
         except OSError:
             pass  # the flock is what counts; the text is only for messages
         self._fd = fd
@@ -86,7 +100,8 @@ class RunLock:
 
 def _read(fd: int) -> dict:
     try:
-        raw = os.pread(fd, 4096, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        raw = os.read(fd, 4096)
         return json.loads(raw.decode()) if raw.strip() else {}
     except (OSError, ValueError):
         return {"pid": "?", "host": "?", "started": "?"}

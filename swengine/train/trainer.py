@@ -19,8 +19,8 @@ import json
 import math
 import os
 import random
-import resource
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -101,9 +101,15 @@ def seed_everything(seed: int) -> None:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
+    """Peak CUDA allocation, or the process's peak RSS (0 where the OS has no getrusage)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return 0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # macOS reports bytes, Linux KiB
 
 
 class Trainer:
@@ -119,6 +125,11 @@ class Trainer:
         self._last_ckpt_step: int | None = None
         self._resumed_from: Path | None = None
         self._in_update = False
+
+    def progress(self, message: str) -> None:
+        """Per-step lines (train loss, eval loss); logging.progress=false keeps only notices."""
+        if self.cfg.logging.progress:
+            self.log(message)
 
     # ------------------------------------------------------------------ setup
     def _data_paths(self) -> tuple[str, str, bool]:
@@ -334,7 +345,7 @@ class Trainer:
             msg = (f"{name}: still {'saving the checkpoint' if self._saving else 'finishing the step'}, please "
                    "wait; once more abandons it and keeps the previous checkpoint")
         try:
-            os.write(1, (msg + "\n").encode())  # not print(): a handler may interrupt a print
+            os.write(2, (msg + "\n").encode())  # not print(): a handler may interrupt a print
         except OSError:
             pass
 
@@ -397,6 +408,12 @@ class Trainer:
                 except ckpt.WriteFailed as exc:
                     self._end("failed")
                     raise RunStopped(self._write_failed_words(exc), FAILED) from None
+                except torch.OutOfMemoryError:
+                    self._end("failed", reason="out_of_memory")
+                    raise RunStopped(f"error: out of GPU memory at step {self.step + 1}: lower "
+                                     "schedule.micro_batch_size or data.max_seq_len, turn on "
+                                     "checkpointing.gradient_checkpointing, or let the planner choose (--auto); "
+                                     f"{self._last_checkpoint_words()}", FAILED) from None
                 except OSError as exc:
                     if exc.errno not in ckpt.NO_SPACE:
                         raise
@@ -443,7 +460,7 @@ class Trainer:
         first_eval = self.evaluate() if resume_from is None else None
         if first_eval is not None:
             self.metrics.log("eval", step=self.step, eval_loss=first_eval)
-            self.log(f"step {self.step}: eval loss {first_eval:.4f}")
+            self.progress(f"step {self.step}: eval loss {first_eval:.4f}")
         status, last_loss, last_eval = "completed", None, first_eval
         tokens_seen, start = 0, time.perf_counter()
         window_loss, window_tokens, window_start = [], 0, time.perf_counter()
@@ -465,7 +482,7 @@ class Trainer:
                                      tokens_per_second=tps, peak_memory_bytes=peak, memory_kind=(
                                          "cuda_allocated" if self.device.type == "cuda" else "process_rss"))
                     eta = (self.total_steps - self.step) * elapsed / max(len(window_loss), 1)
-                    self.log(f"step {self.step}/{self.total_steps}  loss {last_loss:.4f}  lr "
+                    self.progress(f"step {self.step}/{self.total_steps}  loss {last_loss:.4f}  lr "
                              f"{self.scheduler.get_last_lr()[0]:.2e}  {tps:,.0f} tok/s  peak "
                              f"{peak / 2**20:,.0f} MiB  ETA {eta:.0f}s")
                     window_loss, window_tokens, window_start = [], 0, time.perf_counter()
@@ -516,7 +533,7 @@ class Trainer:
         if loss is None:
             return None
         self.metrics.log("eval", step=self.step, eval_loss=loss)
-        self.log(f"step {self.step}: eval loss {loss:.4f}")
+        self.progress(f"step {self.step}: eval loss {loss:.4f}")
         if loss < self.best_eval and self.step < self.total_steps:
             self.best_eval = loss
             self.best_path = self.save_checkpoint("best")
@@ -548,7 +565,7 @@ class Trainer:
         self.step += 1
         self._in_update = False
         loss = float(total)
-        if not math.isfinite(loss) and self.cfg.safety.enabled:
-            raise UserError(f"loss became {loss} at step {self.step}; lower optim.lr or check the data "
-                            "(the last good checkpoint is kept)")
+        if self.cfg.safety.enabled and not math.isfinite(loss):
+            raise RunStopped(f"error: loss became {loss} at step {self.step}: stopped; lower optim.lr or check the data "
+                             f"({self._last_checkpoint_words()})", FAILED)
         return loss, tokens, None if norm is None else float(norm)
