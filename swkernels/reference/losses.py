@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -18,6 +16,12 @@ def plogp_ratio(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     """p·(log p − log q) elementwise, 0 where p = 0 (0·log 0 = 0; no 0·(−inf) = NaN)."""
     p = lp.exp()
     return p * torch.where(p > 0, lp - lq, 0.0)  # masked inside the product: no NaN gradient either
+
+
+def log_mixture(lp: torch.Tensor, lq: torch.Tensor, beta: float) -> torch.Tensor:
+    """log(β·p + (1−β)·q) formed in the linear domain, like the kernel (a log-domain sum with log β
+    rounds with a bias), floored at the smallest normal float: no log 0 where p = q = 0."""
+    return torch.log(torch.clamp(beta * lp.exp() + (1 - beta) * lq.exp(), min=torch.finfo(lp.dtype).tiny))
 
 
 def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int, where: str) -> None:
@@ -51,7 +55,7 @@ def distill_per_token(s: torch.Tensor, t: torch.Tensor, kind: str, temperature: 
     if kind == "reverse_kl":
         return plogp_ratio(lq, lp).sum(-1)
     if kind == "jsd":
-        lm = torch.logsumexp(torch.stack([lp + math.log(beta), lq + math.log(1 - beta)]), dim=0)
+        lm = log_mixture(lp, lq, beta)
         return beta * plogp_ratio(lp, lm).sum(-1) + (1 - beta) * plogp_ratio(lq, lm).sum(-1)
     raise ValueError(f"unknown distillation kind {kind!r}")
 
@@ -171,7 +175,7 @@ def distill_rows(s, t, g, valid, losses, scale, kind, temperature, beta):
         loss = plogp_ratio(lq, lp).sum(-1)
         grad = torch.where(q > 0, q * (lq - lp - loss[:, None]), 0.0)
     else:
-        lm = torch.logsumexp(torch.stack([lp + math.log(beta), lq + math.log(1 - beta)]), dim=0)
+        lm = log_mixture(lp, lq, beta)
         qa = (1 - beta) * plogp_ratio(lq, lm)
         loss = beta * plogp_ratio(lp, lm).sum(-1) + qa.sum(-1)
         a = (1 - beta) * (lq - lm)
