@@ -114,10 +114,8 @@ def test_reductions_and_z_loss_match_reference_and_torch(reduction, dtype, train
 @pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("trains", [True, False], ids=["head-trains", "frozen-head"])
-def test_reductions_and_z_loss_full_matrix(reduction, dtype, trains, device):
-    _reduction_case(reduction, dtype, trains, trains, 1e-3, 30.0 if trains else None, 0.1 if trains else 0.0,
-                    "triton", device)
+def test_reductions_and_z_loss_full_matrix(reduction, dtype, device):  # the trained head: "none" recomputes
+    _reduction_case(reduction, dtype, True, True, 1e-3, 30.0, 0.1, "triton", device)
 
 
 def _matmuls(fn) -> int:

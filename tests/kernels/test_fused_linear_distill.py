@@ -101,7 +101,6 @@ REDUCTION_CASES = [  # kind, beta, alpha, reduction, dtype, head trains, z-loss 
     ("reverse_kl", 0.5, 1.0, "none", torch.float16, True, 0.0, "full", "triton"),
     ("forward_kl", 0.5, 0.5, "none", torch.float32, True, 1e-2, "topk", "triton"),
     ("forward_kl", 0.5, 0.5, "sum", torch.float32, True, 1e-3, "full", "triton"),
-    ("jsd", 0.5, 0.5, "sum", torch.float16, False, 0.0, "full", "triton"),
     ("reverse_kl", 0.5, 0.5, "mean", torch.bfloat16, True, 1e-2, "full", "triton"),
     ("jsd", 0.5, 0.5, "none", torch.float32, True, 1e-3, "full", "torch"),  # the CPU fallback
     ("forward_kl", 0.5, 0.5, "none", torch.float32, True, 1e-3, "topk", "torch"),
@@ -117,12 +116,11 @@ def test_reductions_and_z_loss_match_reference_and_torch(kind, beta, alpha, redu
 @pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("trains", [True, False], ids=["head-trains", "frozen-head"])
-def test_reductions_and_z_loss_full_matrix(reduction, dtype, trains, device):
-    _reduction_case("jsd", 0.3, 0.5, reduction, dtype, trains, 1e-3, "full", "triton", device)
+def test_reductions_and_z_loss_full_matrix(reduction, dtype, device):  # the trained head: "none" recomputes
+    _reduction_case("jsd", 0.3, 0.5, reduction, dtype, True, 1e-3, "full", "triton", device)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("reduction", [pytest.param("mean", marks=pytest.mark.slow), "none"])
 def test_custom_ops_are_consistent(reduction, device):
     with torch.device(device):  # the GPU when present: its kernels, its allocations
         hs, ws, ht, wt, y = setup_models(n=6, h=8, vs=40, vt=40, device=device)
