@@ -134,6 +134,13 @@ def train(
                                         "cannot run on swkernels (same as model.strict_kernels=true)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start a new run in a used output_dir; the old run "
                                    "is moved to output_dir/archive/<time>/, never deleted."),
+    context: int = typer.Option(None, "--context", min=8, help="Extend the context to this many tokens: phases "
+                                "doubling the model's window up to it (or context.phases), RoPE scaled by "
+                                "target / original length."),
+    rope_scaling: Literal["yarn", "linear", "dynamic", "llama3", "longrope"] = typer.Option(
+        None, "--rope-scaling", help="With --context: the RoPE scaling type (default yarn)."),
+    teacher: str = typer.Option(None, "--teacher", help="Distil from this teacher model (same as distill.teacher=; "
+                                "see distill.kind/temperature/alpha/beta, or distill.cache for an offline teacher)."),
 ) -> None:
     """Fine-tune with LoRA/QLoRA. With no arguments: the embedded offline demo (tiny model, CPU-friendly).
 
@@ -144,7 +151,8 @@ def train(
     from swengine.train.cli import run_train
 
     run_train(args or [], resume=resume, auto=auto or None, gpu=gpu, dry_run=dry_run,
-              strict_kernels=strict_kernels, overwrite=overwrite)
+              strict_kernels=strict_kernels, overwrite=overwrite, context=context, rope_scaling=rope_scaling,
+              teacher=teacher)
 
 
 @app.command()
@@ -170,6 +178,9 @@ def merge(
 from swengine.eval.cli import eval_command  # noqa: E402  (typer + stdlib only at import)
 
 app.command("eval")(eval_command)
+from swengine.distill.cli import distill_cache_command  # noqa: E402  (typer + stdlib at import)
+
+app.command("distill-cache")(distill_cache_command)
 
 
 def _fail(message: str, code: int, as_json: bool, hint: str | None = None, prefix: str = "error: ") -> None:

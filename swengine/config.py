@@ -105,6 +105,24 @@ class SafetyConfig:
 @dataclass
 class ContextConfig:
     rope_scaling: dict[str, Any] = field(default_factory=dict)  # e.g. {"rope_type": "yarn", "factor": 4.0}
+    # training lengths, increasing, e.g. [4096, 8192, 16384]; the last is the target (data.max_seq_len
+    # follows it); [] = one phase at data.max_seq_len
+    phases: list[int] = field(default_factory=list)
+    phase_steps: list[int] = field(default_factory=list)  # optimizer steps per phase (one value: each); [] = schedule.max_steps
+    phase_tokens: list[int] = field(default_factory=list)  # or a token budget per phase (one value: each)
+    # a phase whose perplexity at the previous phase's length is this much worse (0.1 = 10%) is flagged
+    max_ppl_regression: float = 0.1
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""  # a teacher model directory / hub id (same tokenizer); "" = no online teacher
+    teacher_4bit: bool = False  # load the teacher in NF4 (double quant)
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    temperature: float = 1.0
+    alpha: float = 0.5  # loss = (1 − alpha)·CE(labels) + alpha·KD(teacher ‖ student)
+    beta: float = 0.5  # JSD's mixture weight (0 = forward KL, 1 = reverse KL)
+    cache: str = ""  # a `swengine distill-cache` directory: distil offline, no teacher in memory
 
 
 @dataclass
@@ -124,6 +142,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,10 +151,6 @@ class TrainConfig:
 # Keys users may know from the docs of similar tools or earlier drafts that do nothing here (yet):
 # setting one is an error that says so, never a silently ignored value.
 NOT_YET = {
-    "context.phases": "training in context-extension phases is not available yet; train at one length "
-                      "with data.max_seq_len and context.rope_scaling",
-    "distill": "distillation training is not available yet (the losses are: swkernels.fused_linear_distill); "
-               "remove the distill section",
     "safety.max_loss_spike": "the loss-spike circuit breaker is not available yet; safety.enabled stops a run "
                              "whose loss becomes NaN/inf",
     "safety.max_grad_norm_spike": "the gradient-norm circuit breaker is not available yet; optim.max_grad_norm "
@@ -306,11 +321,73 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"checkpointing.keep_last must be >= 1 (got {cfg.checkpointing.keep_last})")
     if cfg.logging.every < 1:
         raise UserError(f"logging.every must be >= 1 (got {cfg.logging.every})")
+    _validate_context(cfg)
+    _validate_distill(cfg)
     return cfg
+
+
+def _validate_distill(cfg: TrainConfig) -> None:
+    d = cfg.distill
+    if not (d.teacher or d.cache):
+        return
+    if d.teacher and d.cache:
+        raise UserError("give distill.teacher (online) or distill.cache (offline), not both")
+    if not math.isfinite(d.temperature) or d.temperature <= 0:
+        raise UserError(f"distill.temperature must be > 0 (got {d.temperature}); 1.0 is the usual start")
+    if not 0.0 <= d.alpha <= 1.0:
+        raise UserError(f"distill.alpha must be in [0, 1] (got {d.alpha}): the weight of KD against the hard-label CE")
+    if not 0.0 <= d.beta <= 1.0:
+        raise UserError(f"distill.beta must be in [0, 1] (got {d.beta})")
+    if not cfg.fused_loss:
+        raise UserError("distillation always uses the fused linear loss; remove fused_loss=false")
+    if d.cache and cfg.context.phases:
+        raise UserError("a distill.cache holds the rows of one training length; context.phases re-pack the data per "
+                        "phase: distil online (distill.teacher) or train one length")
+
+def _validate_context(cfg: TrainConfig) -> None:
+    c = cfg.context
+    if c.phases:
+        if any(length < 8 for length in c.phases):
+            raise UserError(f"context.phases must be lengths >= 8 tokens (got {c.phases})")
+        if any(b <= a for a, b in zip(c.phases, c.phases[1:], strict=False)):
+            raise UserError(f"context.phases must increase (got {c.phases}); e.g. [4096, 8192, 16384]")
+        cfg.data.max_seq_len = c.phases[-1]  # the target: the model's positions are sized for it
+    if c.phase_steps and c.phase_tokens:
+        raise UserError("give context.phase_steps or context.phase_tokens, not both")
+    for key in ("phase_steps", "phase_tokens"):
+        values = getattr(c, key)
+        if any(v < 1 for v in values):
+            raise UserError(f"context.{key} must be >= 1 (got {values})")
+        if values and c.phases and len(values) not in (1, len(c.phases)):
+            raise UserError(f"context.{key} has {len(values)} values for {len(c.phases)} context.phases; give one per "
+                            "phase or a single value for all")
+    if not math.isfinite(c.max_ppl_regression) or c.max_ppl_regression < 0:
+        raise UserError(f"context.max_ppl_regression must be a number >= 0 (got {c.max_ppl_regression}); e.g. 0.1 "
+                        "flags a phase whose perplexity at the previous length is 10% worse")
+
+
+def _dotted(data: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "rope_scaling":
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def explicit_values(path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The dotted keys the user wrote (YAML file and overrides) with their values as written (CLI
+    values are strings): the planner never replaces these."""
+    return _dotted(_read_data(path, overrides))
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Defaults ← YAML file ← ``key=value`` overrides, validated."""
+    return validate(_build(TrainConfig, _read_data(path, overrides)))
+
+
+def _read_data(path: str | None, overrides: list[str] | None) -> dict:
     data: dict = {}
     if path:
         import yaml
@@ -328,8 +405,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise UserError(f"{path} must contain a mapping of config sections")
-    data = _merge(data, parse_overrides(overrides or []))
-    return validate(_build(TrainConfig, data))
+    return _merge(data, parse_overrides(overrides or []))
 
 
 # ---------------------------------------------------------------- JSON schema

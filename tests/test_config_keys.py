@@ -59,13 +59,14 @@ def reads(monkeypatch):
     return seen
 
 
-# Two tiny runs that between them take every branch a key is read in.
+# Tiny runs that between them take every branch a key is read in.
 RUNS = [
     ["schedule.max_steps=2", "schedule.warmup_steps=1", "logging.every=1", "logging.eval_every=1",
      "checkpointing.save_every=1", "data.max_seq_len=64", "schedule.micro_batch_size=2"],
     ["schedule.max_steps=1", "schedule.epochs=0.001", "data.packing=false", "fused_loss=false", "lora.impl=peft",
      "checkpointing.gradient_checkpointing=true", "data.max_seq_len=64", "schedule.micro_batch_size=2",
      "data.eval_fraction=0.1", "logging.progress=false", "quantization.load_in_4bit=true"],
+    ["context.phases=[32, 64]", "context.phase_steps=1", "schedule.micro_batch_size=2", "logging.eval_every=0"],
 ]
 
 

@@ -43,6 +43,7 @@ from swengine.model.build import build_training_model
 from swengine.model.load import DEMO_MODEL, load_tokenizer
 from swengine.model.patch import LoraSpec
 from swengine.train.step import causal_lm_loss, label_tokens
+from tests.utils import pretrain
 
 SCHEMA = json.loads((Path(__file__).parents[1] / "specs" / "distill_cache.schema.json").read_text())
 V = 508  # the demo tokenizer's vocabulary; the student's head has 512 rows (padding)
@@ -95,13 +96,7 @@ def student_dir(tmp_path_factory, rows, tok):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(student_config())
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    stream = BatchStream(rows, 4, 1, tok.pad_token_id)
-    for _ in range(60):
-        b = stream.next()
-        model(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=b["labels"]).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    pretrain(model, rows, tok.pad_token_id)
     path = tmp_path_factory.mktemp("student") / "student"
     model.save_pretrained(path)
     return path

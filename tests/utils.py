@@ -95,3 +95,16 @@ def make_model(root: Path, family: str = "llama") -> Path:
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def pretrain(model, rows, pad_id: int, steps: int = 60, lr: float = 3e-3, micro_batch: int = 4) -> None:
+    """Full-parameter Adam steps of plain CE on ``rows``: a random tiny model that has learned
+    something (a distillation student, a teacher), in a second on CPU."""
+    from swengine.data.batches import BatchStream
+
+    stream, opt = BatchStream(rows, micro_batch, 1, pad_id), torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        b = stream.next()
+        model(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=b["labels"]).loss.backward()
+        opt.step()
+        opt.zero_grad()

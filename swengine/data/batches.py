@@ -99,7 +99,8 @@ class BatchStream:
             self.epoch += 1
             self.index = 0
             self._order = self._permutation(self.epoch)
-        picked = [self.rows[i] for i in self._order[self.index:self.index + self.micro_batch]]
+        self.last_rows = self._order[self.index:self.index + self.micro_batch]  # indices into rows
+        picked = [self.rows[i] for i in self.last_rows]
         self.index += self.micro_batch
         return collate(picked, self.pad_id)
 

@@ -549,6 +549,5 @@ def batch_rows(stream) -> list[int]:
     """The row indices (into ``Prepared.train``) of the batch a
     :class:`swengine.data.batches.BatchStream` returned last, in batch order: call right after
     ``stream.next()`` (its position has just moved past them)."""
-    end = min(stream.index, len(stream._order))
-    return list(stream._order[stream.index - stream.micro_batch:end])
+    return list(stream.last_rows)
 

@@ -14,3 +14,13 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Turn per-layer checkpointing on or off (context-extension phases choose it per length)."""
+    if on:
+        enable_checkpointing(model)
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    elif hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()

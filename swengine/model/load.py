@@ -63,6 +63,22 @@ def _check_local_config(path: str) -> None:
         read_config_json(cfg)
 
 
+def _check_has_rope(path: str) -> None:
+    """Context extension scales RoPE: a model without it (e.g. GPT-2's learned positions) gets
+    that said, rather than only "unsupported architecture"."""
+    import json
+
+    cfg = Path(path).expanduser() / "config.json"
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+        config = AutoConfig.for_model(**data)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return  # the regular checks say what is wrong with it
+    if not getattr(config, "rope_parameters", None):
+        raise UserError(f"{path} ({data.get('model_type')}) has no rotary position embeddings: RoPE context "
+                        "extension does not apply; remove context.rope_scaling / context.phases")
+
+
 def rope_types() -> list[str]:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -83,7 +99,12 @@ def _rope_params(rope_scaling: dict) -> dict:
     return params
 
 
-def load_config(path: str, max_seq_len: int, rope_scaling: dict):
+def load_config(path: str, max_seq_len: int, rope_scaling: dict, extending: bool = False):
+    """The model's config for training at ``max_seq_len`` with ``rope_scaling`` applied (the
+    extended config :func:`save_extended_config` writes next to the adapter). ``extending``: a
+    context-extension run (phases), which needs a RoPE model."""
+    if rope_scaling or extending:
+        _check_has_rope(path)
     _check_local_config(path)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -107,6 +128,25 @@ def load_config(path: str, max_seq_len: int, rope_scaling: dict):
                         f"\"factor\": {math.ceil(max_seq_len / limit)}}}'")
     config.use_cache = False
     return config
+
+
+EXTENDED_CONFIG = "config.json"  # in an adapter directory: the base config the adapter was trained with
+
+
+def save_extended_config(config, directory) -> None:
+    """Write the training model's config (extended rope parameters and max positions) into an
+    adapter directory: ``AutoConfig.from_pretrained(adapter_dir)`` then loads the base as trained."""
+    extended = config.__class__.from_dict(config.to_dict())
+    extended.use_cache = True
+    extended.save_pretrained(str(directory))
+
+
+def extended_config(adapter_dir):
+    """The config saved by :func:`save_extended_config`, or None for an adapter trained at the
+    model's own context."""
+    if not (Path(adapter_dir) / EXTENDED_CONFIG).is_file():
+        return None
+    return AutoConfig.from_pretrained(str(adapter_dir))
 
 
 def load_tokenizer(path: str):

@@ -17,7 +17,7 @@ from pathlib import Path
 from swengine import SCHEMA_VERSION
 from swengine.errors import UserError
 
-EVENTS = ("run_start", "train", "eval", "checkpoint", "breaker", "run_end")
+EVENTS = ("run_start", "train", "eval", "checkpoint", "breaker", "phase_end", "run_end")
 
 
 def _finite(value, key: str, bad: list[str]):
@@ -40,6 +40,7 @@ class MetricsLogger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rank, self.run_id = rank, run_id or uuid.uuid4().hex[:12]
+        self.phase: str | None = None  # the context-extension phase every event is tagged with
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._repair_torn_tail(log)
         self._tb = None
@@ -69,7 +70,7 @@ class MetricsLogger:
     def log(self, event: str, **fields) -> dict:
         if event not in EVENTS:
             raise ValueError(f"unknown telemetry event {event!r}")
-        record = {"schema_version": SCHEMA_VERSION, "event": event, "time": time.time(), "rank": self.rank, "phase": fields.pop("phase", None),
+        record = {"schema_version": SCHEMA_VERSION, "event": event, "time": time.time(), "rank": self.rank, "phase": fields.pop("phase", self.phase),
                   "run_id": self.run_id, **fields}
         bad: list[str] = []
         record = _finite(record, "", bad)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 import yaml
 
-from swengine.config import TrainConfig, load_config
+from swengine.config import TrainConfig, explicit_values, load_config
 from swengine.errors import UserError
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "assets" / "demo.yaml"
@@ -28,47 +28,129 @@ def notice(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def apply_plan(cfg: TrainConfig, gpu: str | None) -> None:
-    """Ask the planner for this GPU and write its choices into the config (the plan table goes
-    to stderr, so ``--auto --dry-run`` prints pure YAML on stdout)."""
+def _plan(cfg: TrainConfig, gpu: str | None, seq_len: int, rank: int | None = None):
     from swengine.model import load as model_load
     from swengine.planner.cli import make_plan
+
+    d = cfg.distill  # an online teacher shares the card: the plan includes it
+    return make_plan(model_load.model_path(cfg.model.path), gpu=gpu, seq_len=seq_len,
+                     batch=cfg.schedule.micro_batch_size * cfg.schedule.grad_accumulation, rank=rank,
+                     qlora=True if cfg.quantization.load_in_4bit else None, lora_impl=cfg.lora.impl,
+                     loss="fused" if cfg.fused_loss else "unfused",
+                     teacher=model_load.model_path(d.teacher) if d.teacher else None,
+                     teacher_quant="nf4-dq" if d.teacher_4bit else "none")
+
+
+def apply_plan(cfg: TrainConfig, gpu: str | None, explicit: set[str] | frozenset = frozenset()) -> None:
+    """Ask the planner for this GPU (at the longest training length) and write its choices into
+    the config, except the keys the user wrote (``explicit``). The plan table goes to stderr, so
+    ``--auto --dry-run`` prints pure YAML on stdout."""
     from swengine.planner.report import render
 
-    model = model_load.model_path(cfg.model.path)
-    result = make_plan(model, gpu=gpu, seq_len=cfg.data.max_seq_len,
-                       batch=cfg.schedule.micro_batch_size * cfg.schedule.grad_accumulation,
-                       qlora=True if cfg.quantization.load_in_4bit else None, lora_impl=cfg.lora.impl,
-                       loss="fused" if cfg.fused_loss else "unfused")
+    rank = cfg.lora.rank if "lora.rank" in explicit else None
+    result = _plan(cfg, gpu, cfg.data.max_seq_len, rank)
     notice(render(result))
     if not result.fits:
         raise UserError(f"the planner finds no setup that fits: {result.reasons[0]}")
     s = result.setup
-    cfg.lora.rank = s.lora_rank
-    cfg.lora.alpha = float(2 * s.lora_rank)
-    cfg.schedule.micro_batch_size = s.micro_batch
-    cfg.schedule.grad_accumulation = result.grad_accumulation
-    cfg.checkpointing.gradient_checkpointing = s.checkpointing
-    cfg.optim.name = s.optimizer
-    cfg.quantization.load_in_4bit = s.quant != "none"
-    cfg.quantization.double_quant = s.quant == "nf4-dq"
+    choices = {"lora.rank": s.lora_rank, "lora.alpha": float(2 * s.lora_rank),
+               "schedule.micro_batch_size": s.micro_batch, "schedule.grad_accumulation": result.grad_accumulation,
+               "checkpointing.gradient_checkpointing": s.checkpointing, "optim.name": s.optimizer,
+               "quantization.load_in_4bit": s.quant != "none", "quantization.double_quant": s.quant == "nf4-dq"}
+    for key, value in choices.items():
+        section, name = key.split(".")
+        if key in explicit:
+            if getattr(getattr(cfg, section), name) != value:
+                notice(f"--auto: keeping your {key}={getattr(getattr(cfg, section), name)} (the plan has {value})")
+        else:
+            setattr(getattr(cfg, section), name, value)
+
+
+def phase_planner(cfg: TrainConfig, gpu: str | None):
+    """--auto with context phases: the planner's micro-batch, accumulation and checkpointing for
+    each phase's length, at the run's LoRA rank."""
+    from swengine.train.phases import PhaseSetup
+
+    def plan_for(seq_len: int) -> PhaseSetup:
+        result = _plan(cfg, gpu, seq_len, cfg.lora.rank)
+        if not result.fits:
+            raise UserError(f"the planner finds no setup for the {seq_len}-token phase: {result.reasons[0]}")
+        notice(f"--auto: {seq_len}-token phase: micro-batch {result.setup.micro_batch} × accumulation "
+               f"{result.grad_accumulation}, checkpointing {'on' if result.setup.checkpointing else 'off'}")
+        return PhaseSetup(result.setup.micro_batch, result.grad_accumulation, result.setup.checkpointing)
+
+    return plan_for
+
+
+def apply_context(cfg: TrainConfig, explicit: set[str], context: int | None, rope_type: str | None) -> None:
+    """``--context N [--rope-scaling TYPE]``: the target length, the RoPE scaling (factor N / the
+    model's window unless context.rope_scaling gives one) and, without context.phases, phases
+    doubling the window up to N."""
+    from swengine.model import load as model_load
+    from swengine.model.config import load_model_config
+    from swengine.train.phases import doubling_phases
+
+    if context is None:
+        if rope_type is not None:
+            raise UserError("--rope-scaling needs --context N (the target length)")
+        return
+    native = getattr(load_model_config(model_load.model_path(cfg.model.path)), "max_position_embeddings", None)
+    if not isinstance(native, int):
+        raise UserError("the model config has no max_position_embeddings; give context.rope_scaling and "
+                        "context.phases explicitly")
+    if cfg.context.phases:
+        if cfg.context.phases[-1] != context:
+            raise UserError(f"--context {context} differs from the last of context.phases={cfg.context.phases}; "
+                            "drop one of them or make them agree")
+        if context <= native:
+            raise UserError(f"--context {context} is not beyond the model's {native} positions; context extension "
+                            f"needs a longer target (e.g. --context {native * 4})")
+    else:
+        cfg.context.phases = doubling_phases(native, context)
+    params = dict(cfg.context.rope_scaling)
+    if rope_type is not None:
+        if params and params.get("rope_type", params.get("type")) not in (None, rope_type):
+            raise UserError(f"--rope-scaling {rope_type} differs from context.rope_scaling={params}; drop one of them")
+        params["rope_type"] = rope_type
+    params.setdefault("rope_type", "yarn")
+    if params["rope_type"] != "dynamic" or "factor" not in params:
+        params.setdefault("factor", context / native)
+    cfg.context.rope_scaling = params
+    cfg.data.max_seq_len = context
 
 
 def run_train(args: list[str], resume: str | None, auto: bool | None, gpu: str | None, dry_run: bool,
-              strict_kernels: bool = False, overwrite: bool = False) -> None:
+              strict_kernels: bool = False, overwrite: bool = False, context: int | None = None,
+              rope_scaling: str | None = None, teacher: str | None = None) -> None:
     from swengine.train.trainer import Trainer
 
     path, overrides = split_args(args)
+    if teacher is not None:
+        overrides = [*overrides, f"distill.teacher={teacher}"]
     cfg = load_config(path, overrides)
+    given = explicit_values(path, overrides)
+    explicit = set(given)
     cfg.model.strict_kernels = cfg.model.strict_kernels or strict_kernels
+    apply_context(cfg, explicit, context, rope_scaling)
+    if cfg.context.phases and "data.max_seq_len" in given and int(given["data.max_seq_len"]) != cfg.context.phases[-1]:
+        notice(f"context phases {cfg.context.phases} set the training lengths: data.max_seq_len="
+               f"{given['data.max_seq_len']} is replaced by the target {cfg.context.phases[-1]}")
+    plan_for = None
     if auto or cfg.auto:
-        apply_plan(cfg, gpu)
+        apply_plan(cfg, gpu, explicit)
+        if cfg.context.phases:
+            plan_for = phase_planner(cfg, gpu)
     elif gpu:
         raise UserError("--gpu only applies with --auto")
     if dry_run:
+        if plan_for is not None:
+            from swengine.train.phases import describe, resolve
+
+            notice(describe(resolve(cfg, explicit, plan_for)))
         typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
         return
-    result = Trainer(cfg, resume=resume, log=notice, overwrite=overwrite).run()
+    result = Trainer(cfg, resume=resume, log=notice, overwrite=overwrite, explicit=explicit,
+                     plan_for=plan_for).run()
     out = Path(result.output_dir)
     typer.echo("")
     if result.first_eval_loss is not None and result.eval_loss is not None:
@@ -78,11 +160,13 @@ def run_train(args: list[str], resume: str | None, auto: bool | None, gpu: str |
                    f"{100 * result.skill_before:.0f}% before -> {100 * result.skill_after:.0f}% after")
     typer.echo(f"adapter (PEFT format): {result.adapter_dir}")
     typer.echo(f"metrics: {out / 'metrics.jsonl'}   checkpoints: {out / 'checkpoints'}")
+    extended = cfg.context.rope_scaling  # the base loads with the extended config saved next to the adapter
     typer.echo("load it with:\n"
                "  from peft import PeftModel\n"
-               "  from transformers import AutoModelForCausalLM\n"
-               f"  base = AutoModelForCausalLM.from_pretrained({_base(result.adapter_dir)!r})\n"
-               f"  model = PeftModel.from_pretrained(base, {str(result.adapter_dir)!r})\n"
+               f"  from transformers import {'AutoConfig, ' if extended else ''}AutoModelForCausalLM\n"
+               f"  base = AutoModelForCausalLM.from_pretrained({_base(result.adapter_dir)!r}"
+               + (f", config=AutoConfig.from_pretrained({str(result.adapter_dir)!r}))\n" if extended else ")\n")
+               + f"  model = PeftModel.from_pretrained(base, {str(result.adapter_dir)!r})\n"
                f"or merge it: swengine merge {out} --out {out / 'merged'}")
 
 

@@ -91,7 +91,9 @@ def merge(run_or_adapter: str, out: str, base: str | None = None, dtype: str = "
     from peft import PeftModel  # after the checks: importing it can print library warnings
     from safetensors import SafetensorError
 
-    model = model_load.from_pretrained_checked(base_path, dtype=model_load.DTYPES[dtype])
+    config = model_load.extended_config(adapter)  # a context-extended run: the base with its rope parameters
+    kwargs = {"config": config} if config is not None else {}
+    model = model_load.from_pretrained_checked(base_path, dtype=model_load.DTYPES[dtype], **kwargs)
     try:
         merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     except (OSError, SafetensorError, ValueError, RuntimeError) as exc:

@@ -61,7 +61,8 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], fused
 
 def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, autocast_dtype: torch.dtype | None,
                      loss_scale: float = 1.0, scaler: torch.amp.GradScaler | None = None,
-                     on_phase=None, fused_loss: bool = False, num_items: int | None = None) -> torch.Tensor:
+                     on_phase=None, fused_loss: bool = False, num_items: int | None = None,
+                     loss_fn=None) -> torch.Tensor:
     """Forward and backward of one micro-batch; gradients accumulate into ``.grad``.
 
     Token-weighted accumulation: with ``num_items`` (label tokens of the whole optimizer step) the
@@ -69,12 +70,15 @@ def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, 
     add up to the mean over all its tokens (``loss_scale`` stays 1). Without it, the mean of this
     micro-batch times ``loss_scale``. Returns the detached, unscaled loss, left on the device.
     ``on_phase`` (a callable taking "forward"/"backward") lets the planner label where memory peaks.
+    ``loss_fn(model, batch, num_items)``: another loss in place of the causal-LM cross-entropy
+    (distillation), run under the same autocast.
     """
     device_type = batch["input_ids"].device.type
     if on_phase:
         on_phase("forward")
     with autocast_context(device_type, autocast_dtype):
-        loss = causal_lm_loss(model, batch, fused_loss, num_items)
+        loss = (causal_lm_loss(model, batch, fused_loss, num_items) if loss_fn is None
+                else loss_fn(model, batch, num_items))
     if on_phase:
         on_phase("backward")
     scaled = loss * loss_scale

@@ -15,6 +15,7 @@ and the last checkpoint intact (:mod:`swengine.train.stops`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -37,9 +38,13 @@ from swengine.errors import UserError
 from swengine.model import load as model_load
 from swengine.model.adapter import load_adapter_into, save_adapter
 from swengine.model.build import build_training_model
+from swengine.model.checkpointing import set_checkpointing
+from swengine.model.load import save_extended_config
 from swengine.model.patch import LoraSpec
 from swengine.telemetry import MetricsLogger
 from swengine.train import checkpoint as ckpt
+from swengine.train import phase_eval, phases
+from swengine.train.distill import Distiller
 from swengine.train.lock import RunLock, check_output_dir, new_run_id
 from swengine.train.optim import build_optimizer
 from swengine.train.schedule import build_scheduler
@@ -113,8 +118,12 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: str | None = None, log=print, overwrite: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, log=print, overwrite: bool = False,
+                 explicit: set[str] | frozenset = frozenset(), plan_for=None):
+        """``explicit``: config keys the user wrote; ``plan_for(seq_len) -> PhaseSetup``: the
+        planner's micro-batch / accumulation / checkpointing per phase length (--auto)."""
         self.cfg, self.resume, self.log, self.overwrite = cfg, resume, log, overwrite
+        self.explicit, self.plan_for = explicit, plan_for
         self.out = Path(cfg.output_dir)
         self.run_id = new_run_id()
         self.lineage = self.run_id  # kept across resumes: the checkpoints this run may prune
@@ -147,9 +156,13 @@ class Trainer:
         self.dtype = model_load.resolve_dtype(cfg.model.dtype, self.device)
         self.model_path = model_load.model_path(cfg.model.path)
         train_path, eval_path, self.is_demo = self._data_paths()
-        config = model_load.load_config(self.model_path, cfg.data.max_seq_len, cfg.context.rope_scaling)
+        config = model_load.load_config(self.model_path, cfg.data.max_seq_len, cfg.context.rope_scaling,
+                                        extending=bool(cfg.context.phases))
+        self.model_config = config
         self.tokenizer = model_load.load_tokenizer(self.model_path)
-        self.data: Prepared = prepare(cfg.data, self.tokenizer, train_path, eval_path, cfg.seed)
+        self.data_paths = (train_path, eval_path)
+        self.phases = phases.resolve(cfg, self.explicit, self.plan_for)
+        self.data = self._prepare(self.phases[0].seq_len)  # before the model: bad data fails fast
         self.spec = LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets),
                              cfg.lora.use_rslora)
         quant = ("nf4-dq" if cfg.quantization.double_quant else "nf4") if cfg.quantization.load_in_4bit else "none"
@@ -158,20 +171,98 @@ class Trainer:
                                      checkpointing=cfg.checkpointing.gradient_checkpointing,
                                      strict_kernels=cfg.model.strict_kernels)
         self.model, self.handle, self.params = built.model, built.handle, built.params
+        self.distiller = Distiller.create(cfg, self) if (cfg.distill.teacher or cfg.distill.cache) else None
+        self._checkpointing = cfg.checkpointing.gradient_checkpointing
         self.autocast = self.dtype if self.device.type == "cuda" and self.dtype != torch.float32 else None
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and self.device.type == "cuda" else None
         o = cfg.optim
         self.optimizer = build_optimizer(self.params, o.name, lr=o.lr, weight_decay=o.weight_decay,
                                          betas=tuple(o.betas), eps=o.eps)
-        pad = self.tokenizer.pad_token_id
-        self.stream = BatchStream(self.data.train, cfg.schedule.micro_batch_size, cfg.seed, pad, cfg.data.shuffle)
+        self.phase_index = -1
+        self._enter_phase(0)
         s = cfg.schedule
-        self.total_steps = (math.ceil(s.epochs * self.stream.batches_per_epoch / s.grad_accumulation)
-                            if s.epochs > 0 else s.max_steps)
-        self.scheduler = build_scheduler(self.optimizer, s.scheduler, s.warmup_steps, self.total_steps, s.min_lr_ratio)
+        p0 = self.phases[0]
+        default_steps = (math.ceil(s.epochs * self.stream.batches_per_epoch / p0.grad_accumulation)
+                         if s.epochs > 0 else s.max_steps)
+        phases.with_steps(self.phases, default_steps)
+        self.total_steps = sum(p.steps for p in self.phases)
+        self.scheduler = self._phase_scheduler(p0)
+        self.phase_evals: dict[str, dict] = {}  # phase name → its end-of-phase perplexities
         self.step = 0
         self.best_eval = math.inf
         self.best_path: Path | None = None
+
+    # ------------------------------------------------------------------ phases
+    @property
+    def phase(self) -> phases.Phase:
+        return self.phases[self.phase_index]
+
+    @property
+    def phased(self) -> bool:
+        return bool(self.cfg.context.phases)
+
+    def _enter_phase(self, index: int) -> None:
+        """Data packed at the phase's length, its micro-batch stream, checkpointing setting and (once
+        its steps are known) its LR schedule: warmup, then decay over the phase."""
+        if index == self.phase_index:
+            return
+        self.phase_index = index
+        p = self.phases[index]
+        if self.data.max_seq_len != p.seq_len:
+            self.data = self._prepare(p.seq_len)
+        self.stream = BatchStream(self.data.train, p.micro_batch, self.cfg.seed, self.tokenizer.pad_token_id,
+                                  self.cfg.data.shuffle)
+        if p.checkpointing != self._checkpointing:
+            set_checkpointing(self.model, p.checkpointing)
+            self._checkpointing = p.checkpointing
+        if p.steps:
+            self.scheduler = self._phase_scheduler(p)
+        if self.metrics is not None and self.phased:
+            self.metrics.phase = p.name
+
+    def _prepare(self, seq_len: int) -> Prepared:
+        """The data packed (or truncated) at ``seq_len``: each phase trains at its own length."""
+        data_cfg = dataclasses.replace(self.cfg.data, max_seq_len=seq_len)
+        return prepare(data_cfg, self.tokenizer, *self.data_paths, self.cfg.seed)
+
+    def _phase_scheduler(self, p: phases.Phase):
+        s = self.cfg.schedule
+        return build_scheduler(self.optimizer, s.scheduler, min(s.warmup_steps, p.steps), p.steps, s.min_lr_ratio)
+
+    def _end_phase(self) -> None:
+        """Evaluate at this phase's length and every earlier one, flag a perplexity regression at
+        the previous length, write ``<output_dir>/phases/phase-N`` (adapter, extended config,
+        eval.json) and a step checkpoint kept from pruning; then enter the next phase."""
+        p = self.phase
+        lengths = [q.seq_len for q in self.phases[:self.phase_index + 1]]
+        result = phase_eval.perplexities(self.model, phase_eval.eval_stream(self.data.eval or self.data.train),
+                                         lengths, self.device)
+        previous = self.phases[self.phase_index - 1] if self.phase_index else None
+        regression = None
+        if previous is not None:
+            before = self.phase_evals.get(previous.name, {}).get(str(previous.seq_len))
+            regression = phase_eval.regression(before, result.ppl[previous.seq_len])
+        flagged = regression is not None and regression > self.cfg.context.max_ppl_regression
+        ppl = {str(k): v for k, v in result.ppl.items()}
+        self.phase_evals[p.name] = ppl
+        self.metrics.log("phase_end", step=self.step, seq_len=p.seq_len, ppl=ppl, regression=regression,
+                         flagged=flagged, repeated_eval_data=result.repeated)
+        shown = ", ".join(f"{k}: {'n/a' if v is None else f'{v:.2f}'}" for k, v in ppl.items())
+        self.log(f"{p.name} done at step {self.step} ({p.seq_len} tokens): perplexity {shown}")
+        if flagged:
+            self.log(f"warning: {p.name} made perplexity at {previous.seq_len} tokens {100 * regression:.0f}% worse "
+                     f"than {previous.name} (context.max_ppl_regression={self.cfg.context.max_ppl_regression})")
+        report = {"phase": p.name, "step": self.step, "seq_len": p.seq_len, "ppl": ppl, "regression": regression,
+                  "flagged": flagged, "rope_scaling": self.cfg.context.rope_scaling}
+
+        def write(tmp: Path) -> None:
+            self._save_adapter(tmp)
+            (tmp / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+
+        ckpt.atomic_dir(self.out / "phases" / p.name, write)
+        if self.phase_index + 1 < len(self.phases):
+            self._enter_phase(self.phase_index + 1)
+            self.save_checkpoint("phase", completed_phase=p.name)
 
     # ------------------------------------------------------------------ checkpoints
     def _save_adapter(self, directory: Path) -> None:
@@ -179,15 +270,19 @@ class Trainer:
             save_adapter(self.handle, self.spec, directory, self.model_path)
         else:
             self.model.save_pretrained(str(directory))
+        if self.cfg.context.rope_scaling:
+            # the extended base config (rope parameters, max positions): transformers and `swengine
+            # merge` load the base with it, so the adapter gives the logits it was trained with
+            save_extended_config(self.model_config, directory)
 
-    def save_checkpoint(self, kind: str = "periodic") -> Path:
+    def save_checkpoint(self, kind: str = "periodic", **extra) -> Path:
         self._saving = True
         try:
-            return self._save_checkpoint(kind)
+            return self._save_checkpoint(kind, extra)
         finally:
             self._saving = False
 
-    def _save_checkpoint(self, kind: str) -> Path:
+    def _save_checkpoint(self, kind: str, extra: dict) -> Path:
         final = self.out / "checkpoints" / ckpt.checkpoint_name(self.step)
 
         def write(tmp: Path) -> None:
@@ -201,13 +296,17 @@ class Trainer:
             state = {"step": self.step, "total_steps": self.total_steps, "data": self.stream.state_dict(),
                      "best_eval": None if math.isinf(self.best_eval) else self.best_eval,
                      "best_path": str(self.best_path) if self.best_path else None, "kind": kind,
-                     "lineage": self.lineage, "run_id": self.run_id}
+                     "lineage": self.lineage, "run_id": self.run_id, "phase_index": self.phase_index,
+                     "phase_evals": self.phase_evals, **extra}
+            if self.phased:
+                state["phase"] = self.phase.name
             (tmp / ckpt.STATE_NAME).write_text(json.dumps(state, indent=2))
 
         path = ckpt.atomic_dir(final, write, manifest=True)
         self._last_ckpt, self._last_ckpt_step = path, self.step
         keep = {self.best_path} if (self.best_path and self.cfg.checkpointing.keep_best) else set()
         keep.add(path)
+        keep |= {c for c in ckpt.list_checkpoints(self.out) if ckpt.read_state(c).get("kind") == "phase"}
         ckpt.prune(self.out, self.cfg.checkpointing.keep_last, keep, lineage=self.lineage)
         self.metrics.log("checkpoint", step=self.step, path=str(path), kind=kind)
         self.metrics.sync()
@@ -245,6 +344,9 @@ class Trainer:
             from safetensors.torch import load_file
 
             set_peft_model_state_dict(self.model, load_file(str(path / "adapter_model.safetensors")))
+        # the phase first: a new schedule sets the optimizer's lr, which the loaded state then replaces
+        self._enter_phase(int(state.get("phase_index", 0)))
+        self.phase_evals = state.get("phase_evals") or {}
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         if self.scaler is not None and (path / "scaler.pt").is_file():
@@ -373,7 +475,7 @@ class Trainer:
         was = self.model.training
         self.model.eval()
         total, count = 0.0, 0
-        for batch in eval_batches(self.data.eval, self.cfg.schedule.micro_batch_size, self.tokenizer.pad_token_id):
+        for batch in eval_batches(self.data.eval, self.phase.micro_batch, self.tokenizer.pad_token_id):
             n = label_tokens(batch)
             batch = {k: v.to(self.device) for k, v in batch.items() if k != "real_tokens"}
             with autocast_context(self.device.type, self.autocast):
@@ -438,6 +540,8 @@ class Trainer:
         tb = self.out / "tensorboard" if self.cfg.logging.tensorboard else None
         resume_from = self._resumed_from = self._resume_path()
         self.metrics = MetricsLogger(self.out / "metrics.jsonl", tb, run_id=self.run_id, log=self.log)
+        if self.phased:
+            self.metrics.phase = self.phase.name
         if resume_from is not None:
             self.load_checkpoint(resume_from)
             self.log(f"resumed from {resume_from} at step {self.step}")
@@ -452,6 +556,11 @@ class Trainer:
                          data_format=self.data.format, resumed_from=str(resume_from) if resume_from else None,
                          lineage=self.lineage, pid=os.getpid(), truncated_records=self.data.truncated,
                          dropped_records=self.data.dropped, config=self.cfg.to_dict())
+        if self.distiller is not None:
+            self.log(self.distiller.describe())
+        if self.phased:
+            self.log(f"context extension to {self.phases[-1].seq_len} tokens with rope_scaling "
+                     f"{self.cfg.context.rope_scaling or '(the model config)'}: {phases.describe(self.phases)}")
         lengths = f"; {self.data.length_summary}" if self.data.length_summary else ""
         self.log(f"{self.model_path}: {n_params:,} trainable LoRA parameters (rank {self.spec.rank}), "
                  f"{len(self.data.train)} training rows ({self.data.format}{lengths}), {self.total_steps} steps on "
@@ -477,19 +586,26 @@ class Trainer:
                     last_loss = sum(window_loss) / len(window_loss)
                     tps = window_tokens / max(elapsed, 1e-9)
                     peak = peak_memory_bytes(self.device)
+                    parts = {}
+                    if self.distiller is not None:  # this step's CE and KD parts
+                        parts = dict(zip(("ce_loss", "kd_loss"), self.distiller.step_parts(), strict=True))
                     self.metrics.log("train", step=self.step, epoch=self.stream.epoch, loss=last_loss,
                                      lr=self.scheduler.get_last_lr()[0], grad_norm=norm, tokens=window_tokens,
                                      tokens_per_second=tps, peak_memory_bytes=peak, memory_kind=(
-                                         "cuda_allocated" if self.device.type == "cuda" else "process_rss"))
+                                         "cuda_allocated" if self.device.type == "cuda" else "process_rss"), **parts)
                     eta = (self.total_steps - self.step) * elapsed / max(len(window_loss), 1)
-                    self.progress(f"step {self.step}/{self.total_steps}  loss {last_loss:.4f}  lr "
+                    shown = (f" (ce {parts['ce_loss']:.4f}, kd {parts['kd_loss']:.4f})"
+                             if parts.get("ce_loss") is not None else "")
+                    self.progress(f"step {self.step}/{self.total_steps}  loss {last_loss:.4f}{shown}  lr "
                              f"{self.scheduler.get_last_lr()[0]:.2e}  {tps:,.0f} tok/s  peak "
                              f"{peak / 2**20:,.0f} MiB  ETA {eta:.0f}s")
                     window_loss, window_tokens, window_start = [], 0, time.perf_counter()
                 if self.cfg.logging.eval_every and self.step % self.cfg.logging.eval_every == 0:
                     last_eval = self._eval_and_track()
+                if self.phased and self.step == phases.start_of(self.phases, self.phase_index + 1):
+                    self._end_phase()  # the boundary checkpoint is saved in the next phase
                 if self.cfg.checkpointing.save_every and self.step % self.cfg.checkpointing.save_every == 0 \
-                        and self.step < self.total_steps:
+                        and self.step < self.total_steps and self._last_ckpt_step != self.step:
                     self.save_checkpoint()
         except KeyboardInterrupt:
             # Only without our handler (not the main thread). Inside a step's forward/backward the
@@ -544,14 +660,21 @@ class Trainer:
         alike. Micro-batch losses stay on the device; the step's loss is read once, at the end."""
         data_before, rng_before = self.stream.state_dict(), ckpt.rng_state()
         try:
-            batches = [self.stream.next() for _ in range(self.cfg.schedule.grad_accumulation)]
+            batches, rows = [], []
+            for _ in range(self.phase.grad_accumulation):
+                batches.append(self.stream.next())
+                rows.append(self.stream.last_rows)
             num_items = max(sum(label_tokens(b) for b in batches), 1)
             tokens = sum(int(b.pop("real_tokens")) for b in batches)
             total = None
-            for batch in batches:
+            if self.distiller is not None:
+                logging_step = (self.step + 1) % self.cfg.logging.every == 0 or self.step + 1 == self.total_steps
+                self.distiller.start_step(parts=logging_step)
+            for batch, batch_rows in zip(batches, rows, strict=True):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
+                loss_fn = self.distiller.loss_fn(batch_rows) if self.distiller is not None else None
                 loss = forward_backward(self.model, batch, autocast_dtype=self.autocast, scaler=self.scaler,
-                                        fused_loss=self.cfg.fused_loss, num_items=num_items)
+                                        fused_loss=self.cfg.fused_loss, num_items=num_items, loss_fn=loss_fn)
                 total = loss if total is None else total + loss
         except KeyboardInterrupt:
             self.stream.load_state_dict(data_before)
