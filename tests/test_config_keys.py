@@ -66,7 +66,8 @@ RUNS = [
     ["schedule.max_steps=1", "schedule.epochs=0.001", "data.packing=false", "fused_loss=false", "lora.impl=peft",
      "checkpointing.gradient_checkpointing=true", "data.max_seq_len=64", "schedule.micro_batch_size=2",
      "data.eval_fraction=0.1", "logging.progress=false", "quantization.load_in_4bit=true"],
-    ["context.phases=[32, 64]", "context.phase_steps=1", "schedule.micro_batch_size=2", "logging.eval_every=0"],
+    ["context.phases=[32, 64]", "context.phase_steps=1", "schedule.micro_batch_size=2", "logging.eval_every=0",
+     "distill.teacher={model}", "distill.kind=jsd"],
 ]
 
 
@@ -82,7 +83,7 @@ def test_every_schema_key_is_read_by_a_real_run_or_refused(reads, tiny_llama, ti
     keys = set(leaf_keys(json_schema()))
     reads.clear()  # building the schema read the defaults
     for i, overrides in enumerate(RUNS):
-        tiny_run(tiny_llama, tiny_train_data, tmp_path / str(i), *overrides)
+        tiny_run(tiny_llama, tiny_train_data, tmp_path / str(i), *(o.format(model=tiny_llama) for o in overrides))
     unread = sorted(keys - reads)
     assert not unread, f"config keys that no code read on a real run (implement them or refuse them): {unread}"
 
