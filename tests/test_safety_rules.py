@@ -249,6 +249,10 @@ def test_eval_regression_against_the_best():
     trips = b.observe_eval(30, 1.25)
     assert [(t.rule, t.action) for t in trips] == [("eval_regression", "warn")]
     assert trips[0].threshold == pytest.approx(1.2) and "25% above the best 1.0000" in trips[0].message
+    near_zero = Breaker()
+    near_zero.observe_eval(1, 0.0128)
+    assert near_zero.observe_eval(2, 0.0172) == []  # +34%, but 0.004 nats: noise at this level
+    assert [t.rule for t in near_zero.observe_eval(3, 0.0249)] == ["eval_regression"]  # doubled: 0.012 nats
 
 
 def test_phase_perplexity_regression():

@@ -14,7 +14,8 @@ Rules (each with its action, ``safety.on_<rule>``):
   checkpoint older than that.
 - ``grad_spike``: the (pre-clipping) gradient norm above ``grad_norm_spike`` × the median of the
   last ``loss_window`` healthy steps, after the warmup.
-- ``eval_regression``: an eval loss more than ``eval_regression`` (0.2 = 20%) above the best so far.
+- ``eval_regression``: an eval loss more than ``eval_regression`` (0.2 = 20%) above the best so far
+  (and at least 0.01 nats above it: near zero loss a tiny change is a large fraction).
 - ``ppl_regression``: a context-extension phase whose perplexity at the previous length regressed
   by more than ``ppl_regression``.
 - ``throughput``: tokens/s below ``throughput_drop`` × the running median for
@@ -225,7 +226,7 @@ class Breaker:
             return self._settle([self._trip("nonfinite", step, eval_loss, None,
                                             f"eval loss is {eval_loss} at step {step}")], per_step=False)
         trips = []
-        limit = self.best_eval * (1 + self.rules.eval_regression)
+        limit = self.best_eval + max(self.rules.eval_regression * self.best_eval, MIN_SCALE)
         if math.isfinite(self.best_eval) and eval_loss > limit:
             trips.append(self._trip("eval_regression", step, eval_loss, limit,
                                     f"eval loss {eval_loss:.4f} at step {step} is "
