@@ -158,3 +158,13 @@ def test_cuda_measurement_is_close_to_the_analytic_model():
     m = measure_cuda(config, setup)
     predicted = estimate(config, setup).peak_allocated
     assert abs(predicted - m.peak_bytes) / m.peak_bytes < 0.10, torch.cuda.get_device_name()
+
+
+def test_an_nf4_teacher_is_planned_at_nf4_size():
+    """The teacher loads with every linear in NF4: ~0.56 bytes per linear weight, not bf16's 2."""
+    from swengine.planner.cli import make_plan
+
+    sizes = {q: make_plan("llama-3.2-1b", vram_gib=24.0, teacher="llama-3.1-8b", teacher_quant=q)
+             .estimate.components["teacher_weights"] / 2**30 for q in ("none", "nf4-dq")}
+    assert 14.5 < sizes["none"] < 15.5  # 8.0B parameters in bf16
+    assert 4.5 < sizes["nf4-dq"] < 6.0  # linears in NF4, embeddings and head in bf16

@@ -103,8 +103,8 @@ def _teacher_bytes(setup: Setup, student: Inventory) -> tuple[int, int, list[str
     from swengine.model.config import load_model_config
 
     tinv = inventory(load_model_config(setup.teacher.model))
-    tsetup = Setup(seq_len=setup.seq_len, micro_batch=setup.micro_batch, quant=setup.teacher.quant,
-                   lora_targets=("none",))
+    # the teacher loads like a QLoRA base (every linear NF4 when quantised); only its weights count
+    tsetup = Setup(seq_len=setup.seq_len, micro_batch=setup.micro_batch, quant=setup.teacher.quant)
     weights = static_bytes(tinv, tsetup).base_weights
     T = setup.tokens
     # no-grad forward: one layer's temporaries live at a time; logits bf16 (+ fp32 copy unfused)
