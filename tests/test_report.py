@@ -162,6 +162,24 @@ def test_watch_rerenders_until_run_end(run, tmp_path):
         report.watch(live, interval=0.0)
 
 
+def test_cli_writes_the_report_and_the_pngs(run, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from swengine.report.cli import report_command
+
+    app = typer.Typer()
+    app.command()(report_command)
+    result = CliRunner().invoke(app, [str(run), "--out", str(tmp_path / "r.html"), "--png"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [f"report: {tmp_path / 'r.html'}"] + [
+        f"plot: {tmp_path / f'r-{n}.png'}" for n in STEP_PLOTS + ["context"]]
+    default = CliRunner().invoke(app, [str(run)])
+    assert default.exit_code == 0 and (run / "report.html").is_file()
+    bad = CliRunner().invoke(app, [str(tmp_path)])
+    assert isinstance(bad.exception, UserError)
+
+
 def test_the_cli_module_imports_neither_torch_nor_matplotlib():
     code = ("import sys, swengine.report.cli; "
             "sys.exit(bool({'torch', 'matplotlib'} & set(sys.modules)))")

@@ -148,7 +148,11 @@ def test_targets_phase_best_and_last_good(run, tmp_path):
     best = min(range(2, 8, 2), key=lambda s: next(e["eval_loss"] for e in read_events(out / "metrics.jsonl", "eval")
                                                  if e["step"] == s))
     assert named["best"].step == best
+    assert rb.last_good(out, log=lambda m: None) == c[4]  # in a run: the newest untripped that verifies
+    assert rb.last_good(out, before=4, log=lambda m: None) == c[2]  # older than the trip's first step
     (c[4] / ADAPTER).write_bytes(b"corrupt")  # fails verification: no longer a target
+    skipped: list[str] = []
+    assert rb.last_good(out, log=skipped.append) == c[2] and len(skipped) == 1 and c[4].name in skipped[0]
     named = rb.targets(rb.scan(out))
     assert named["last-good"].step == 2 and "phase-1" not in named
 

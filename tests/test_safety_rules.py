@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from swengine.errors import UserError
-from swengine.safety import AlertRunner, Breaker, SafetyRules, scale_lr, worst_action
+from swengine.safety import AlertRunner, Breaker, Monitor, SafetyRules, scale_lr, worst_action
 from swengine.safety.rules import MAX_CONSECUTIVE_SKIPS
 
 STEPS = 600
@@ -396,3 +396,28 @@ def test_alerts_never_block_and_failures_are_one_warning_line(tmp_path):
     assert len(lines) == 1 and "dropped the one for step 2" in lines[0]
     runner._closed = True
     assert not runner.send({"step": 3})
+
+
+def test_monitor_logs_prints_and_alerts_each_trip(tmp_path):
+    from swengine.telemetry import MetricsLogger, read_events
+
+    metrics = MetricsLogger(tmp_path / "metrics.jsonl", run_id="r")
+    lines: list[str] = []
+    alerts = AlertRunner(f"cat >> {tmp_path / 'alerts.jsonl'}")
+    monitor = Monitor(Breaker(SafetyRules(warmup_steps=3)), metrics, lines.append, alerts)
+    for s in range(1, 8):
+        assert monitor.step(s, 2.0, 1.0, phase="phase-1").action is None
+    decision = monitor.step(8, 2.0, 1.0e3, phase="phase-1")
+    assert decision.action == "skip" and decision.since == 8
+    decision = monitor.step(9, math.nan, phase="phase-1")
+    assert decision.action == "rollback" and [t.rule for t in decision.trips] == ["nonfinite"]
+    assert monitor.eval(9, 9.0).action is None  # the first eval is the best so far
+    metrics.close()
+    alerts.close(wait=10)
+    events = read_events(tmp_path / "metrics.jsonl", "breaker")
+    assert [(e["step"], e["rule"], e["action"], e["phase"]) for e in events] == [
+        (8, "grad_spike", "skip", "phase-1"), (9, "nonfinite", "rollback", "phase-1")]
+    assert lines == [f"breaker: {e['message']}" for e in events]
+    sent = [json.loads(x) for x in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert [(a["event"], a["rule"], a["run_id"]) for a in sent] == [("breaker", "grad_spike", "r"),
+                                                                     ("breaker", "nonfinite", "r")]

@@ -137,6 +137,24 @@ def _best(valid: list[Entry]) -> Entry | None:
     return kinds[-1] if kinds else None
 
 
+def last_good(run_dir: str | Path, before: int | None = None, log: Callable[[str], None] = print) -> Path | None:
+    """For a rollback inside a run: the newest checkpoint older than step ``before`` (a trip's
+    ``since``) that was not written after a trip and verifies (checked newest first, stopping at
+    the first that passes; each one skipped is named in one line)."""
+    for path in reversed(ckpt.all_step_dirs(Path(run_dir))):
+        if before is not None and ckpt.step_of(path) >= before:
+            continue
+        try:
+            if ckpt.read_state(path).get("tripped"):
+                continue
+            ckpt.verify(path)
+        except (OSError, ValueError, ckpt.CheckpointError) as exc:
+            log(f"skipping checkpoint {path}: {exc}")
+            continue
+        return path
+    return None
+
+
 def _phase_number(name: str) -> int:
     tail = name.rpartition("-")[2]
     return int(tail) if tail.isdigit() else 0
