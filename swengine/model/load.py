@@ -184,6 +184,21 @@ def load_model(path: str, config, dtype: torch.dtype, device: torch.device, atte
         except ImportError:
             raise UserError("model.attention=flash needs flash-attn: pip install 'swengine[flash]' (CUDA only)") from None
         attn = "flash_attention_2"
+    if load_in_4bit:
+        # Stream local safetensors shards straight into NF4 on the device (host RAM: one shard, not the
+        # whole bf16 model; pre-quantised bitsandbytes checkpoints load as they are). The transformers
+        # path below stays for what streaming cannot read: hub ids (from_pretrained downloads them),
+        # pickled .bin weights (no tensor-by-tensor access) and checkpoints whose keys do not map one
+        # to one onto the model (renamed or missing weights transformers converts or initialises);
+        # the streaming loader says so from the shard headers, before reading any weight.
+        from swengine.model.stream_load import StreamUnsupported, shard_files, stream_load_nf4
+
+        if shard_files(path):
+            try:
+                return stream_load_nf4(path, config, dtype, device, attn_implementation=attn, targets=targets,
+                                       double_quant=double_quant)
+            except StreamUnsupported:
+                pass
     model = from_pretrained_checked(path, config=config, dtype=dtype, attn_implementation=attn)
     if load_in_4bit:
         quantize_nf4_(model, resolve_targets(model, targets), double_quant=double_quant, compute_dtype=dtype)
