@@ -24,7 +24,7 @@ from swengine.telemetry import MetricsLogger
 from swengine.train import rollback as rb
 from swengine.train.lock import LOCK_NAME
 from swengine.train.trainer import Trainer
-from tests.test_rollback import _quiet_cpu, config  # noqa: F401  (one thread, torch fallbacks: autouse)
+from tests.test_rollback import _quiet_cpu, config, phased  # noqa: F401  (fixtures: _quiet_cpu is autouse)
 
 ROOT = Path(__file__).parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -96,6 +96,13 @@ def test_report_is_one_self_contained_html_file_with_every_plot(run, tmp_path):
     assert "lora:" in text and "max_steps: 6" in text
     assert "completed" in text and "6 of 6" in text and "2 (1)" in text  # two invocations, one resume
     assert "no: the step was redone after a resume or rollback (this name holds the new one)" in text  # step-6
+
+
+def test_a_real_phased_run_gets_its_context_plot_and_phase_table(phased, tmp_path):  # noqa: F811 (a fixture)
+    page = parse(report.render(phased, tmp_path / "r.html").html)
+    text = " ".join(page.text)
+    assert [a["id"] for t, a in page.tags if t == "figure"] == [f"plot-{n}" for n in STEP_PLOTS + ["context"]]
+    assert "ppl @ 32" in text and "ppl @ 64" in text and "phase-1" in text and "phase-2" in text
 
 
 def test_steps_redone_after_the_rollback_are_marked(run):

@@ -167,18 +167,36 @@ def test_targets_phase_best_and_last_good(run, tmp_path):
     assert "phase-2" in listing and "NO: adapter_model.safetensors has 7 bytes" in listing
 
 
-def test_tools_rollback_target_phase(run, tmp_path):
-    out = copy_run(run, tmp_path)
-    edit_state(out / "checkpoints" / ckpt.checkpoint_name(4), phase="phase-1", kind="phase",
-               completed_phase="phase-1")
+@pytest.fixture(scope="module")
+def phased(tiny_llama, tiny_train_data, tmp_path_factory):
+    """A finished context-extension run: phase-1 at 32 tokens, phase-2 at 64, 3 steps each."""
+    out = tmp_path_factory.mktemp("phased") / "run"
+    cfg = load_config(None, [f"model.path={tiny_llama}", f"data.train={tiny_train_data}", f"output_dir={out}",
+                             "context.phases=[32, 64]", "context.phase_steps=3", "schedule.micro_batch_size=4",
+                             "optim.lr=3e-3", "schedule.warmup_steps=1", "logging.every=1", "logging.eval_every=2",
+                             "data.eval_fraction=0.1", "checkpointing.save_every=2", "checkpointing.keep_last=10",
+                             "lora.rank=4", "lora.alpha=8", "logging.progress=false"])
+    Trainer(cfg, log=lambda m: None).run()
+    return out
+
+
+def test_tools_rollback_target_phase_on_a_phased_run(phased, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(phased, out)
+    original = losses(out)
+    assert rb.targets(rb.scan(out))["phase-1"].step == 3
     tool = [sys.executable, str(ROOT / "tools" / "rollback.py"), "--run-dir", str(out)]
-    bad = subprocess.run([*tool, "--target-phase", "3"], capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
-    assert bad.stderr.startswith("error: no checkpoint completes phase-3; valid phases: phase-1")
+    bad = subprocess.run([*tool, "--target-phase", "2"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1  # the last phase ends the run: no phase checkpoint
+    assert bad.stderr.startswith("error: no checkpoint completes phase-2; valid phases: phase-1 (or step-2, step-3")
     ok = subprocess.run([*tool, "--target-phase", "1"], capture_output=True, text=True, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.startswith(f"rolled back {out} to step-00000004 (step 4, phase-1): archived 2 later checkpoints")
-    assert steps_in(out) == [2, 4]
+    assert ok.stdout.startswith(f"rolled back {out} to step-00000003 (step 3, phase-2): archived 2 later checkpoints")
+    assert steps_in(out) == [2, 3]
+    assert (out / "adapter" / ADAPTER).read_bytes() == (out / "checkpoints" / ckpt.checkpoint_name(3) / ADAPTER).read_bytes()
+    cfg = load_config(str(out / "checkpoints" / ckpt.checkpoint_name(3) / "config.yaml"), [f"output_dir={out}"])
+    Trainer(cfg, resume="auto", log=lambda m: None).run()  # phase-2 again, from its start
+    assert {s: v for s, v in losses(out).items() if s > 3} == {s: v for s, v in original.items() if s > 3}
 
 
 # ---------------------------------------------------------------- refusals and bad input
