@@ -80,11 +80,12 @@ def chunked_ce(hidden, weight, bias, labels, ignore_index, label_smoothing, soft
 
 
 def _forward(hidden, weight, bias, labels, ignore_index, label_smoothing, softcap, chunk, weight_grad, reduction, rows,
-             lse_square_scale):
-    """The loss, and the gradients at upstream 1, except for reduction="none" with a trained head:
-    its weight gradient Σ_i g_i·∂loss_i/∂W cannot come from their sum, so the backward recomputes."""
+             lse_square_scale, grads):
+    """The loss, and with ``grads`` (False: no backward will run) the gradients at upstream 1,
+    except for reduction="none" with a trained head: its weight gradient Σ_i g_i·∂loss_i/∂W
+    cannot come from their sum, so the backward recomputes."""
     scale = reduction_scale(labels != ignore_index, reduction)
-    grads = not (reduction == "none" and weight_grad)
+    grads = grads and not (reduction == "none" and weight_grad)
     losses, grad_h, grad_w, grad_b = chunked_ce(hidden, weight, bias, labels, ignore_index, label_smoothing,
                                                 softcap or None, lse_square_scale, chunk, weight_grad, scale, rows,
                                                 grads)
@@ -94,17 +95,17 @@ def _forward(hidden, weight, bias, labels, ignore_index, label_smoothing, softca
 @torch.library.custom_op("swkernels::fused_linear_ce_fwd", mutates_args=())
 def fused_linear_ce_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                         ignore_index: int, label_smoothing: float, softcap: float, chunk: int, weight_grad: bool,
-                        reduction: str, rows: str, lse_square_scale: float = 0.0,
+                        reduction: str, rows: str, lse_square_scale: float = 0.0, grads: bool = True,
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(hidden, weight, bias, labels, ignore_index, label_smoothing, softcap, chunk, weight_grad,
-                    reduction, rows, lse_square_scale)
+                    reduction, rows, lse_square_scale, grads)
 
 
 @fused_linear_ce_fwd.register_fake
 def _(hidden, weight, bias, labels, ignore_index, label_smoothing, softcap, chunk, weight_grad, reduction, rows,
-      lse_square_scale=0.0):
+      lse_square_scale=0.0, grads=True):
     return _forward(hidden, weight, bias, labels, ignore_index, label_smoothing, softcap, chunk, weight_grad,
-                    reduction, "none", lse_square_scale)
+                    reduction, "none", lse_square_scale, grads)
 
 
 def _recompute(hidden, weight, bias, labels, grad_rows, ignore_index, label_smoothing, softcap, lse_square_scale,
@@ -133,7 +134,7 @@ def _(hidden, weight, bias, labels, grad_rows, ignore_index, label_smoothing, so
 
 def _setup(ctx, inputs, output):
     (hidden, weight, bias, labels, ignore_index, label_smoothing, softcap, chunk, weight_grad, reduction, rows,
-     lse_square_scale) = inputs  # defaults included
+     lse_square_scale, _) = inputs  # defaults included
     ctx.has_bias = bias is not None
     ctx.weight_grad = weight_grad
     ctx.reduction = reduction
@@ -147,7 +148,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_):
-    rest = (None,) * 9  # labels and the non-tensor arguments
+    rest = (None,) * 10  # labels and the non-tensor arguments
     if ctx.recompute:
         hidden, weight, bias, labels = ctx.saved_tensors
         grad_h, grad_w, grad_b = fused_linear_ce_bwd(hidden, weight, bias, labels,
@@ -194,11 +195,12 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     h2, w = h2.to(dtype), weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
     weight_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
+    grads = torch.is_grad_enabled() and (h2.requires_grad or weight_grad)  # else the logits matmul only
     chunk = chunk_size(h2.shape[0], weight.shape[0], H, h2.element_size(), max_chunk_bytes)
     with autocast_off:
         loss, *_ = fused_linear_ce_fwd(h2.contiguous(), w, b, y.contiguous(), int(ignore_index),
                                        float(label_smoothing), float(softcap or 0.0), chunk, weight_grad, reduction,
-                                       rows, float(lse_square_scale))
+                                       rows, float(lse_square_scale), grads)
     return loss.reshape(labels.shape) if reduction == "none" else loss
 
 

@@ -108,16 +108,16 @@ def _scales(valid, reduction, alpha, temperature, t2):
 
 
 def _forward(s_hidden, s_weight, t_hidden, t_weight, topk_logprobs, topk_indices, labels, kind, temperature, beta,
-             alpha, ignore_index, vocab, chunk, t2, weight_grad, rows, reduction, lse_square_scale):
-    """The loss, and its gradients at upstream 1, except for reduction="none" with a trained head
-    (the backward recomputes them with the upstream gradient as per-row scale, as in
-    :mod:`fused_linear_cross_entropy`)."""
+             alpha, ignore_index, vocab, chunk, t2, weight_grad, rows, reduction, lse_square_scale, grads):
+    """The loss, and with ``grads`` (False: no backward will run) its gradients at upstream 1,
+    except for reduction="none" with a trained head (the backward recomputes them with the
+    upstream gradient as per-row scale, as in :mod:`fused_linear_cross_entropy`)."""
     valid = labels != ignore_index
     kd_scale, ce_scale = _scales(valid, reduction, alpha, temperature, t2)
     kd_losses, ce_losses, grad_h, grad_w = chunked_distill(
         s_hidden, s_weight, t_hidden, t_weight, topk_logprobs, topk_indices, labels, valid.to(torch.int8), kind,
         temperature, beta, alpha, ignore_index, vocab, chunk, weight_grad, kd_scale, ce_scale, lse_square_scale, rows,
-        grads=not (reduction == "none" and weight_grad))
+        grads=grads and not (reduction == "none" and weight_grad))
     loss = reduce_losses(kd_losses, kd_scale, reduction) + reduce_losses(ce_losses, ce_scale, reduction)
     return loss, grad_h, grad_w
 
@@ -128,16 +128,17 @@ def fused_linear_distill_fwd(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_h
                              topk_indices: torch.Tensor | None, labels: torch.Tensor, kind: int, temperature: float,
                              beta: float, alpha: float, ignore_index: int, vocab: int, chunk: int, t2: bool,
                              weight_grad: bool, rows: str, reduction: str = "mean", lse_square_scale: float = 0.0,
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             grads: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(s_hidden, s_weight, t_hidden, t_weight, topk_logprobs, topk_indices, labels, kind, temperature,
-                    beta, alpha, ignore_index, vocab, chunk, t2, weight_grad, rows, reduction, lse_square_scale)
+                    beta, alpha, ignore_index, vocab, chunk, t2, weight_grad, rows, reduction, lse_square_scale, grads)
 
 
 @fused_linear_distill_fwd.register_fake
 def _(s_hidden, s_weight, t_hidden, t_weight, topk_logprobs, topk_indices, labels, kind, temperature, beta, alpha,
-      ignore_index, vocab, chunk, t2, weight_grad, rows, reduction="mean", lse_square_scale=0.0):
+      ignore_index, vocab, chunk, t2, weight_grad, rows, reduction="mean", lse_square_scale=0.0, grads=True):
     return _forward(s_hidden, s_weight, t_hidden, t_weight, topk_logprobs, topk_indices, labels, kind, temperature,
-                    beta, alpha, ignore_index, vocab, chunk, t2, weight_grad, "none", reduction, lse_square_scale)
+                    beta, alpha, ignore_index, vocab, chunk, t2, weight_grad, "none", reduction, lse_square_scale,
+                    grads)
 
 
 def _backward_rows(s_hidden, s_weight, t_hidden, t_weight, topk_logprobs, topk_indices, labels, grad_rows, kind,
@@ -172,7 +173,7 @@ def _(s_hidden, s_weight, t_hidden, t_weight, topk_logprobs, topk_indices, label
 
 
 def _setup(ctx, inputs, output):
-    weight_grad, rows, reduction, lse_square_scale = inputs[15:]
+    weight_grad, rows, reduction, lse_square_scale, _ = inputs[15:]
     ctx.weight_grad = weight_grad
     ctx.per_row = reduction == "none"
     ctx.recompute = ctx.per_row and weight_grad
@@ -185,7 +186,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_):
-    rest = (None,) * 17  # the teacher, labels and the non-tensor arguments
+    rest = (None,) * 18  # the teacher, labels and the non-tensor arguments
     if ctx.recompute:
         *tensors, labels = ctx.saved_tensors
         grad_h, grad_w = fused_linear_distill_bwd(*tensors, labels, grad_loss.to(torch.float32).contiguous(),
@@ -260,6 +261,7 @@ def fused_linear_distill(student_hidden: torch.Tensor, student_head_weight: torc
     rows = select_backend("fused_linear_distill", hs)  # the torch fallback keeps the chunking
     dtype, autocast_off = matmul_dtype(hs)
     hs, ws = hs.to(dtype), student_head_weight.to(dtype)
+    grads = torch.is_grad_enabled() and (hs.requires_grad or ws.requires_grad)  # else the logits matmuls only
     chunk = chunk_size(n, ws.shape[0], H, hs.element_size(), max_chunk_bytes)
     with autocast_off:
         loss, _, _ = fused_linear_distill_fwd(
@@ -267,5 +269,5 @@ def fused_linear_distill(student_hidden: torch.Tensor, student_head_weight: torc
             None if wt is None else wt.to(dtype), None if lp is None else lp.to(dtype).contiguous(),
             None if idx is None else idx.contiguous(), y.contiguous(), code, float(temperature), float(beta),
             float(alpha), int(ignore_index), vocab, chunk, bool(scale_by_t2), student_head_weight.requires_grad, rows,
-            reduction, float(lse_square_scale))
+            reduction, float(lse_square_scale), grads)
     return loss.reshape(student_hidden.shape[:-1]) if reduction == "none" else loss

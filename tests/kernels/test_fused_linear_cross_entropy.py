@@ -140,6 +140,19 @@ def test_per_token_upstream_costs_no_matmul_for_a_frozen_head_and_one_per_chunk_
     assert counts["none"] == counts["mean"] + (chunks if trains else 0)  # the logits again in the backward
 
 
+def test_without_grad_mode_only_the_logits_matmul_runs():
+    hidden, weight, b, y = inputs(12, 8, 40, torch.float32, "cpu", bias=True)
+    with_grad = swkernels.fused_linear_cross_entropy(hidden, weight, y, bias=b, max_chunk_bytes=4 * 40 * 4)
+    out = []
+
+    def step():
+        with torch.no_grad():  # e.g. perplexity evaluation
+            out.append(swkernels.fused_linear_cross_entropy(hidden, weight, y, bias=b, max_chunk_bytes=4 * 40 * 4))
+
+    assert _matmuls(step) == 3  # one per chunk: no ∂h, ∂W
+    assert torch.equal(out[0], with_grad.detach())
+
+
 @pytest.mark.parametrize("v", [32001, 151936])
 def test_large_odd_vocabularies(v, device):
     hidden, weight, _, y = inputs(3, 8, v, torch.float32, device)

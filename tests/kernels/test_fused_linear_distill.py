@@ -169,6 +169,21 @@ def test_topk_teacher(kind, device):
     assert rel(gh, gh_r) < 2e-5 and rel(gw, gw_r) < 2e-5
 
 
+def test_without_grad_mode_only_the_logits_matmuls_run():
+    hs, ws, ht, wt, y = setup_models()
+
+    def run(grad: bool):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, \
+                torch.set_grad_enabled(grad):
+            loss = swkernels.fused_linear_distill(hs, ws, ht, wt, y, "jsd", max_chunk_bytes=8 * 203 * 4)
+        return loss, sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::addmm_"))
+
+    (with_grad, mm_grad), (without, mm) = run(True), run(False)
+    chunks = 8
+    assert mm_grad == 4 * chunks and mm == 2 * chunks  # student and teacher logits only: no ∂h, ∂W
+    assert torch.equal(without, with_grad.detach())
+
+
 def test_teacher_must_be_given_one_way():
     hs, ws, ht, wt, y = setup_models()
     with pytest.raises(ValueError, match="either"):
