@@ -99,9 +99,7 @@ def test_reductions_match_reference_and_torch_kl_div(kind, beta, reduction, dtyp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,beta", KINDS, ids=[f"{k}-{b}" for k, b in KINDS])
-@pytest.mark.parametrize("reduction,dtype", [("none", torch.float32), ("sum", torch.float32), ("mean", torch.float32),
-                                             ("none", torch.float16), ("none", torch.bfloat16)],
-                         ids=["none-fp32", "sum-fp32", "mean-fp32", "none-fp16", "none-bf16"])
+@pytest.mark.parametrize("reduction,dtype", [("none", torch.float32), ("sum", torch.float16)], ids=["none-fp32", "sum-fp16"])
 def test_reductions_full_matrix(kind, beta, reduction, dtype, device):
     _reduction_case(kind, beta, reduction, dtype, True, "triton", device)
 

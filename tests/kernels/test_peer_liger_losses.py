@@ -29,8 +29,8 @@ independently initialised; here they share one bias, as the weights do.
 
 Shapes are Liger's scaled down for the interpreter (tokens and vocabularies); odd vocabularies
 stay odd. The default run takes the smaller shape of each pair with a spread of dtypes and
-options; the slow set (``-m slow``) the rest (bf16 fused linear JSD, slow under the interpreter,
-only at the smaller shape).
+options; the slow set (``-m slow``) more of them, and the larger shapes in fp32 (and with every
+option, for the fused linear CE).
 """
 
 import itertools
@@ -198,7 +198,7 @@ def test_ce_kernel_computes_in_fp32_whatever_the_logits_dtype():
 
 # ---------------------------------------------------------------- fused linear cross-entropy
 
-FLCE_SHAPES = [slow(2, 8, 64, 512), (2, 11, 31, 123)]  # Liger: (8, 128, 1024, 4096), (4, 47, 31, 123)
+FLCE_SHAPES = [(2, 8, 64, 512), (2, 11, 31, 123)]  # Liger: (8, 128, 1024, 4096), (4, 47, 31, 123)
 FLCE_TOL = [("mean", torch.bfloat16, 5e-3, 5e-2), ("mean", torch.float32, 1e-5, 5e-4),
             ("sum", torch.bfloat16, 5e0, 5e1), ("sum", torch.float32, 1e-3, 5e-2),
             ("none", torch.bfloat16, 5e0, 5e1), ("none", torch.float32, 1e-3, 5e-2)]
@@ -244,9 +244,10 @@ def flce_case(B, T, H, V, dtype, atol, rtol, bias, reduction, params, autocast=N
             close(mine.grad, theirs.grad, atol, rtol)
 
 
-@pytest.mark.parametrize("B,T,H,V", FLCE_SHAPES)
-@pytest.mark.parametrize("reduction,dtype,atol,rtol", FLCE_TOL, ids=[f"{r}-{str(d)[6:]}" for r, d, *_ in FLCE_TOL])
-@pytest.mark.parametrize("bias,params", [slow(False, PLAIN), (True, EXTRAS)], ids=["plain", "every-option"])
+@pytest.mark.parametrize("B,T,H,V,reduction,dtype,atol,rtol,bias,params", grid(
+    FLCE_SHAPES, FLCE_TOL, [(False, PLAIN), (True, EXTRAS)],  # the larger shape with every option only
+    keep=lambda shape, tol, case: shape == FLCE_SHAPES[1] or case[0],
+    quick=lambda shape, tol, case: shape == FLCE_SHAPES[1] and case[0]))
 def test_flce_correctness(B, T, H, V, reduction, dtype, atol, rtol, bias, params):
     flce_case(B, T, H, V, dtype, atol, rtol, bias, reduction, params)
 
@@ -260,7 +261,7 @@ def test_flce_functional_frozen_head_random_upstream(B, T, H, V, dtype, atol, rt
               weight=torch.randn(V, H, dtype=dtype), ignore=False)
 
 
-@pytest.mark.parametrize("B,T,H,V", FLCE_SHAPES)
+@pytest.mark.parametrize("B,T,H,V", [slow(*FLCE_SHAPES[0]), FLCE_SHAPES[1]])
 @pytest.mark.parametrize("bias,cast_dtype", [(True, torch.bfloat16), slow(True, torch.float16),
                                              slow(False, torch.bfloat16), (False, torch.float16)])
 def test_flce_amp(B, T, H, V, bias, cast_dtype):
@@ -270,13 +271,19 @@ def test_flce_amp(B, T, H, V, bias, cast_dtype):
 # ---------------------------------------------------------------- KL divergence
 
 DIV_DTYPES = [(torch.bfloat16, 1e-8, 5e-2), (torch.float32, 1e-8, 1e-6), (torch.float16, 1e-3, 1e-3)]
-DIV_IDS = ["bf16", "fp32", "fp16"]
+KL_SHAPES = [(1, 16, 4000), (3, 5, 1271)]  # Liger: (1, 4096, 32000), (41, 401, 1271)
 
 
-@pytest.mark.parametrize("B,T,V", [slow(1, 16, 4000), (3, 5, 1271)])  # Liger: (1, 4096, 32000), (41, 401, 1271)
+def div_grid(shapes, *dims, quick=lambda dtype, *rest: True):
+    """(B, T, V, dtype, atol, rtol, *dims) cases: the smaller shape by default where ``quick``
+    allows it, else in the slow set; the larger shape in the slow set, fp32 only."""
+    return grid(shapes, DIV_DTYPES, *dims, keep=lambda shape, dtype, *_: shape == shapes[1] or dtype[0] == torch.float32,
+                quick=lambda shape, dtype, *rest: shape == shapes[1] and quick(dtype, *rest))
+
+
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
-@pytest.mark.parametrize("dtype,atol,rtol,log_target,last_layer", grid(
-    DIV_DTYPES, [(True, True), (False, False)], quick=lambda dtype, flags: dtype[0] == torch.float32 or flags[0]))
+@pytest.mark.parametrize("B,T,V,dtype,atol,rtol,log_target,last_layer", div_grid(
+    KL_SHAPES, [(True, True), (False, False)], quick=lambda dtype, flags: dtype[0] == torch.float32 or flags[0]))
 def test_kl_div_correctness(B, T, V, log_target, last_layer, reduction, dtype, atol, rtol):
     """KLDivLoss(log_softmax(x), target) = KL(target‖softmax(x)): our forward KL, student x."""
     n = B * T
@@ -304,7 +311,7 @@ def test_kl_div_correctness(B, T, V, log_target, last_layer, reduction, dtype, a
 
 # ---------------------------------------------------------------- JSD
 
-JSD_SHAPES = [slow(2, 8, 3200), (3, 5, 1271)]  # Liger: (2, 1024, 3200), (41, 401, 1271)
+JSD_SHAPES = [(2, 8, 3200), (3, 5, 1271)]  # Liger: (2, 1024, 3200), (41, 401, 1271)
 
 
 def peer_jsd(log_q, log_p, beta, label, ignore_index, dtype):
@@ -350,32 +357,27 @@ def jsd_case(B, T, V, dtype, atol, rtol, beta=0.5, ignore_index=None, upstream_s
     return x, log_p, got
 
 
-@pytest.mark.parametrize("B,T,V", JSD_SHAPES)
-@pytest.mark.parametrize("dtype,atol,rtol,last_layer", grid(
-    DIV_DTYPES, [(True,), (False,)], quick=lambda dtype, last: dtype[0] == torch.float32 or last[0]))
+@pytest.mark.parametrize("B,T,V,dtype,atol,rtol,last_layer", div_grid(
+    JSD_SHAPES, [(True,), (False,)], quick=lambda dtype, last: dtype[0] == torch.float32 or last[0]))
 def test_jsd_correctness_and_symmetry(B, T, V, last_layer, dtype, atol, rtol):
     x, log_p, got = jsd_case(B, T, V, dtype, atol, rtol, upstream_scale=1.0 if last_layer else 2.0)
     close(swkernels.distill_loss(log_p, x.log_softmax(-1), "jsd", beta=0.5), got, atol, rtol)  # β = ½: symmetric
 
 
-@pytest.mark.parametrize("B,T,V", JSD_SHAPES)
-@pytest.mark.parametrize("dtype,atol,rtol,beta", grid(
-    DIV_DTYPES, [(0.0,), (0.1,), (0.5,), (0.9,), (1.0,)],
+@pytest.mark.parametrize("B,T,V,dtype,atol,rtol,beta", div_grid(
+    JSD_SHAPES, [(0.0,), (0.1,), (0.5,), (0.9,), (1.0,)],
     quick=lambda dtype, beta: dtype[0] == torch.float32 or beta[0] == 0.5))
 def test_jsd_correctness_with_beta(B, T, V, beta, dtype, atol, rtol):
     jsd_case(B, T, V, dtype, atol, rtol, beta=beta)
 
 
-@pytest.mark.parametrize("B,T,V", JSD_SHAPES)
-@pytest.mark.parametrize("ignore_index", [2, 42])
-@pytest.mark.parametrize("dtype,atol,rtol", DIV_DTYPES, ids=DIV_IDS)
+@pytest.mark.parametrize("B,T,V,dtype,atol,rtol,ignore_index", div_grid(JSD_SHAPES, [(2,), (42,)]))
 def test_jsd_correctness_with_ignore_index(B, T, V, ignore_index, dtype, atol, rtol):
     jsd_case(B, T, V, dtype, atol, rtol, ignore_index=ignore_index)
 
 
-@pytest.mark.parametrize("B,T,V", JSD_SHAPES)
-@pytest.mark.parametrize("beta,ignore_index,last_layer", [(0.5, 2, False), (0.1, 42, True)])
-@pytest.mark.parametrize("dtype,atol,rtol", DIV_DTYPES, ids=DIV_IDS)
+@pytest.mark.parametrize("B,T,V,dtype,atol,rtol,beta,ignore_index,last_layer", div_grid(
+    JSD_SHAPES, [(0.5, 2, False), (0.1, 42, True)]))
 def test_jsd_functional(B, T, V, beta, ignore_index, last_layer, dtype, atol, rtol):
     jsd_case(B, T, V, dtype, atol, rtol, beta=beta, ignore_index=ignore_index,
              upstream_scale=1.0 if last_layer else 2.0)
@@ -440,7 +442,7 @@ def test_fljsd_correctness(B, T, H, V, dtype, atol, rtol, temperature, beta):
 
 @pytest.mark.parametrize("B,T,H,V,dtype,atol,rtol,temperature,beta,ignore_index", grid(
     FLJSD_SHAPES, FLJSD_DTYPES, [(1.0, 0.5, 2), (1.0, 0.0, 2), (2.0, 0.1, 42), (1.0, 1.0, 2)],
-    quick=lambda shape, dtype, case: shape == FLJSD_SHAPES[1] and dtype[0] == torch.float32, keep=fljsd_keep))
+    quick=lambda shape, dtype, case: dtype[0] == torch.float32, keep=lambda shape, *_: shape == FLJSD_SHAPES[1]))
 def test_fljsd_correctness_with_ignore_index(B, T, H, V, dtype, atol, rtol, temperature, beta, ignore_index):
     fljsd_case(B, T, H, V, dtype, atol, rtol, temperature, beta, ignore_index)
 
@@ -453,8 +455,8 @@ def test_fljsd_functional(B, T, H, V, dtype, atol, rtol, temperature, beta, igno
 
 
 @pytest.mark.parametrize("B,T,H,V,dtype,atol,rtol,temperature,beta,ignore_index", grid(
-    FLJSD_SHAPES, FLJSD_DTYPES, [(1.0, 0.5, 2), (2.0, 0.1, 42)], keep=fljsd_keep,
-    quick=lambda shape, dtype, case: shape == FLJSD_SHAPES[1] and dtype[0] == torch.float32 and case[2] == 2))
+    FLJSD_SHAPES, FLJSD_DTYPES, [(1.0, 0.5, 2), (2.0, 0.1, 42)], keep=lambda shape, *_: shape == FLJSD_SHAPES[1],
+    quick=lambda shape, dtype, case: dtype[0] == torch.float32 and case[2] == 2))
 def test_fljsd_all_ignored(B, T, H, V, dtype, atol, rtol, temperature, beta, ignore_index):
     labels = torch.full((B * T,), ignore_index)
     got, grad = fljsd_case(B, T, H, V, dtype, atol, rtol, temperature, beta, ignore_index, labels)
