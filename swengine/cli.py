@@ -22,14 +22,12 @@ EXIT_CODES = {
     3: "training stopped by a failure (non-finite loss, out of memory, disk full)",
     130: "interrupted by Ctrl-C (143: SIGTERM); a checkpoint was saved: --resume auto",
 }
-PLANNED = "rollback, report"
 
 app = typer.Typer(
     name="swengine",
     help="Fine-tune open LLMs fast on one consumer GPU (LoRA/QLoRA, context extension, distillation).",
     # "\b" keeps click from re-wrapping the table
-    epilog="\b\nExit codes:\n" + "\n".join(f"  {code:<4} {what}" for code, what in EXIT_CODES.items())
-    + f"\n\nPlanned, not yet available: {PLANNED}.",
+    epilog="\b\nExit codes:\n" + "\n".join(f"  {code:<4} {what}" for code, what in EXIT_CODES.items()),
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode=None,  # plain click help: switches shown as switches, no box drawing
@@ -141,6 +139,10 @@ def train(
         None, "--rope-scaling", help="With --context: the RoPE scaling type (default yarn)."),
     teacher: str = typer.Option(None, "--teacher", help="Distil from this teacher model (same as distill.teacher=; "
                                 "see distill.kind/temperature/alpha/beta, or distill.cache for an offline teacher)."),
+    on_alert: str = typer.Option(None, "--on-alert", metavar="CMD", help="Run CMD (a shell command) for every "
+                                 "circuit-breaker trip and a failed end, the event as JSON on stdin (also "
+                                 "$SWENGINE_ALERT_MESSAGE/_RULE/_ACTION/_STEP); never blocks training. Same as "
+                                 "safety.on_alert=."),
 ) -> None:
     """Fine-tune with LoRA/QLoRA. With no arguments: the embedded offline demo (tiny model, CPU-friendly).
 
@@ -152,7 +154,7 @@ def train(
 
     run_train(args or [], resume=resume, auto=auto or None, gpu=gpu, dry_run=dry_run,
               strict_kernels=strict_kernels, overwrite=overwrite, context=context, rope_scaling=rope_scaling,
-              teacher=teacher)
+              teacher=teacher, on_alert=on_alert)
 
 
 @app.command()
@@ -181,6 +183,12 @@ app.command("eval")(eval_command)
 from swengine.distill.cli import distill_cache_command  # noqa: E402  (typer + stdlib at import)
 
 app.command("distill-cache")(distill_cache_command)
+from swengine.train.rollback_cli import rollback_command  # noqa: E402  (typer + stdlib at import)
+
+app.command("rollback")(rollback_command)
+from swengine.report.cli import report_command  # noqa: E402  (typer + stdlib at import)
+
+app.command("report")(report_command)
 
 
 def _fail(message: str, code: int, as_json: bool, hint: str | None = None, prefix: str = "error: ") -> None:

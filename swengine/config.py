@@ -97,9 +97,31 @@ class LoggingConfig:
     progress: bool = True
 
 
+Action = Literal["warn", "lower_lr", "skip", "rollback", "stop"]
+
+
 @dataclass
 class SafetyConfig:
-    enabled: bool = True  # stop the run (exit 3) when the loss becomes NaN/inf
+    """The circuit breaker (swengine/safety/rules.py): rules checked every optimizer step, each
+    with an action. Perplexity regression between context phases uses context.max_ppl_regression."""
+    enabled: bool = True
+    loss_spike_z: float = 6.0  # robust z-score of a step's loss over the last loss_window steps
+    loss_window: int = 50
+    grad_norm_spike: float = 10.0  # × the median pre-clipping gradient norm
+    eval_regression: float = 0.2  # eval loss this fraction above the best so far
+    throughput_drop: float = 0.3  # tokens/s below this fraction of the running median
+    vram_margin: float = 0.03  # peak memory within this fraction of the card
+    warmup_steps: int = 20  # steps before the spike, gradient and throughput rules may fire
+    on_nonfinite: Action = "rollback"
+    on_loss_spike: Action = "rollback"
+    on_grad_spike: Action = "warn"  # gradients are clipped (optim.max_grad_norm): a spike is bounded already
+    on_eval_regression: Action = "warn"
+    on_ppl_regression: Action = "warn"
+    on_throughput: Action = "warn"
+    on_vram: Action = "warn"
+    max_rollbacks: int = 3  # a further rollback stops the run
+    rollback_lr_factor: float = 0.5  # the LR after a rollback (and for lower_lr)
+    on_alert: str = ""  # a shell command run for every trip, the event as JSON on stdin (--on-alert)
 
 
 @dataclass
@@ -151,11 +173,10 @@ class TrainConfig:
 # Keys users may know from the docs of similar tools or earlier drafts that do nothing here (yet):
 # setting one is an error that says so, never a silently ignored value.
 NOT_YET = {
-    "safety.max_loss_spike": "the loss-spike circuit breaker is not available yet; safety.enabled stops a run "
-                             "whose loss becomes NaN/inf",
-    "safety.max_grad_norm_spike": "the gradient-norm circuit breaker is not available yet; optim.max_grad_norm "
-                                  "clips gradients",
-    "safety.on_trip": "circuit-breaker actions are not available yet; a non-finite loss stops the run (exit 3)",
+    "safety.max_loss_spike": "is now safety.loss_spike_z (a robust z-score over safety.loss_window steps)",
+    "safety.max_grad_norm_spike": "is now safety.grad_norm_spike (× the median gradient norm)",
+    "safety.on_trip": "each rule has its own action: safety.on_nonfinite, on_loss_spike, on_grad_spike, "
+                      "on_eval_regression, on_ppl_regression, on_throughput, on_vram",
     "model.trust_remote_code": "swengine runs only architectures transformers implements natively (see "
                                "`swengine plan --help` for presets); it never runs a model's remote code",
 }
@@ -323,7 +344,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"logging.every must be >= 1 (got {cfg.logging.every})")
     _validate_context(cfg)
     _validate_distill(cfg)
+    from swengine.safety.rules import SafetyRules
+
+    safety_rules(cfg, SafetyRules)  # one-line errors naming the safety.* key
     return cfg
+
+
+def safety_rules(cfg: TrainConfig, cls):
+    """The breaker's rules from safety.* (and context.max_ppl_regression for phases)."""
+    return cls.from_config({**dataclasses.asdict(cfg.safety), "ppl_regression": cfg.context.max_ppl_regression})
 
 
 def _validate_distill(cfg: TrainConfig) -> None:

@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-import swkernels
 from swengine import SCHEMA_VERSION
-from swengine.cli import EXIT_CODES, main
+from swengine.cli import EXIT_CODES
+from tests.utils import run_main
 
 ROOT = Path(__file__).parents[1]
 
@@ -23,10 +23,7 @@ def schema(name: str) -> dict:
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
-    with swkernels.force_backend("torch"), pytest.raises(SystemExit) as exit_:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
+    return run_main(capsys, argv)
 
 
 def test_version_and_short_help_everywhere(capsys):
@@ -38,7 +35,7 @@ def test_version_and_short_help_everywhere(capsys):
     assert code == 0 and "--install-completion" in out
     for exit_code in EXIT_CODES:  # documented in the root help
         assert f"{exit_code} " in out
-    for command in ("doctor", "plan", "train", "merge", "eval"):
+    for command in ("doctor", "plan", "train", "merge", "eval", "distill-cache", "rollback", "report"):
         code, out, _ = run(capsys, command, "-h")
         assert code == 0 and f"Usage: swengine {command}" in out, command
 
@@ -122,7 +119,7 @@ def test_exit_3_on_a_non_finite_loss(capsys, tiny_llama, tiny_train_data, tmp_pa
     real = trainer.forward_backward
     monkeypatch.setattr(trainer, "forward_backward", lambda *a, **k: real(*a, **k) * float("nan"))
     code, out, err = run(capsys, *tiny(tiny_llama, tiny_train_data, tmp_path / "run", "schedule.max_steps=3"))
-    assert code == 3 and "loss became nan at step 1" in err and "Traceback" not in err
+    assert code == 3 and "error: loss is nan at step 1: stopped" in err and "Traceback" not in err
 
 
 def test_exit_3_on_out_of_memory_with_what_to_change(capsys, tiny_llama, tiny_train_data, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from swengine.cli import main
 from swengine.model.load import DEMO_MODEL, load_tokenizer
 from swengine.telemetry import read_events
 from swengine.train import checkpoint as ckpt
+from tests.utils import run_main
 
 ROOT = Path(__file__).parents[1]
 STEPS = 3  # per phase
@@ -45,10 +46,7 @@ def args(model, data, out, *extra):
 
 
 def run(capsys, argv):
-    with swkernels.force_backend("torch"), pytest.raises(SystemExit) as exit_:
-        main(argv)
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
+    return run_main(capsys, argv)
 
 
 @pytest.fixture(scope="module")

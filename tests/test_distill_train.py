@@ -13,7 +13,7 @@ import swkernels
 from swengine.cli import main
 from swengine.model.load import DEMO_MODEL, load_tokenizer
 from swengine.telemetry import read_events
-from tests.utils import pretrain
+from tests.utils import pretrain, run_main
 
 ROOT = Path(__file__).parents[1]
 STEPS = 60
@@ -50,10 +50,7 @@ def student(tmp_path_factory, tiny_train_data):
 
 
 def run(capsys, argv):
-    with swkernels.force_backend("torch"), pytest.raises(SystemExit) as exit_:
-        main(argv)
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
+    return run_main(capsys, argv)
 
 
 def train_args(student, data, out, *extra):

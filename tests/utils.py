@@ -108,3 +108,17 @@ def pretrain(model, rows, pad_id: int, steps: int = 60, lr: float = 3e-3, micro_
         model(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=b["labels"]).loss.backward()
         opt.step()
         opt.zero_grad()
+
+
+def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:
+    """``swengine ARGV`` in-process through the console entry point (exit code and streams as a user
+    sees them), on the torch fallbacks: (exit code, stdout, stderr)."""
+    import pytest
+
+    import swkernels
+    from swengine.cli import main
+
+    with swkernels.force_backend("torch"), pytest.raises(SystemExit) as exit_:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err

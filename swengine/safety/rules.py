@@ -76,7 +76,7 @@ class SafetyRules:
     warmup_steps: int = 20
     on_nonfinite: Action = "rollback"
     on_loss_spike: Action = "rollback"
-    on_grad_spike: Action = "skip"
+    on_grad_spike: Action = "warn"
     on_eval_regression: Action = "warn"
     on_ppl_regression: Action = "warn"
     on_throughput: Action = "warn"

@@ -121,12 +121,14 @@ def apply_context(cfg: TrainConfig, explicit: set[str], context: int | None, rop
 
 def run_train(args: list[str], resume: str | None, auto: bool | None, gpu: str | None, dry_run: bool,
               strict_kernels: bool = False, overwrite: bool = False, context: int | None = None,
-              rope_scaling: str | None = None, teacher: str | None = None) -> None:
+              rope_scaling: str | None = None, teacher: str | None = None, on_alert: str | None = None) -> None:
     from swengine.train.trainer import Trainer
 
     path, overrides = split_args(args)
     if teacher is not None:
         overrides = [*overrides, f"distill.teacher={teacher}"]
+    if on_alert is not None:
+        overrides = [*overrides, f"safety.on_alert={on_alert}"]
     cfg = load_config(path, overrides)
     given = explicit_values(path, overrides)
     explicit = set(given)

@@ -89,15 +89,32 @@ def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, 
 def optimizer_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], *,
                    max_grad_norm: float | None, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor | None:
     """Unscale (fp16), clip, step, zero grads (set to None, freeing them). Returns the grad norm."""
+    norm = clip_gradients(optimizer, params, max_grad_norm=max_grad_norm, scaler=scaler) if max_grad_norm else None
+    apply_update(optimizer, scaler)  # (the scaler unscales here when clipping did not)
+    return norm
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], *,
+                   max_grad_norm: float | None, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """Unscale (fp16) and clip to ``max_grad_norm`` (0/None: no clipping); the pre-clipping norm,
+    left on the device (the circuit breaker reads it with the loss, once per step)."""
     if scaler is not None:
         scaler.unscale_(optimizer)
-    norm = None
-    if max_grad_norm:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    return torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+
+
+def discard_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Drop this step's gradients without updating (the breaker's skip / rollback / stop)."""
+    if scaler is not None:
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Step (through the fp16 scaler when there is one) and free the gradients."""
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm

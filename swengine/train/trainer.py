@@ -49,11 +49,13 @@ from swengine.train.lock import RunLock, check_output_dir, new_run_id
 from swengine.train.optim import build_optimizer
 from swengine.train.schedule import build_scheduler
 from swengine.train.step import (
+    apply_update,
     autocast_context,
     causal_lm_loss,
+    clip_gradients,
+    discard_update,
     forward_backward,
     label_tokens,
-    optimizer_step,
 )
 from swengine.train.stops import FAILED, HardStop, RunStopped
 
@@ -134,6 +136,9 @@ class Trainer:
         self._last_ckpt_step: int | None = None
         self._resumed_from: Path | None = None
         self._in_update = False
+        self.monitor = self.alerts = None  # the circuit breaker (_setup_breaker, once telemetry is open)
+        self._tripped = False
+        self._rollbacks = 0  # in-run rollbacks carried out
 
     def progress(self, message: str) -> None:
         """Per-step lines (train loss, eval loss); logging.progress=false keeps only notices."""
@@ -249,6 +254,8 @@ class Trainer:
                          flagged=flagged, repeated_eval_data=result.repeated)
         shown = ", ".join(f"{k}: {'n/a' if v is None else f'{v:.2f}'}" for k, v in ppl.items())
         self.log(f"{p.name} done at step {self.step} ({p.seq_len} tokens): perplexity {shown}")
+        if self.monitor is not None:
+            self._act(self.monitor.phase_end(p.name, regression, self.step))
         if flagged:
             self.log(f"warning: {p.name} made perplexity at {previous.seq_len} tokens {100 * regression:.0f}% worse "
                      f"than {previous.name} (context.max_ppl_regression={self.cfg.context.max_ppl_regression})")
@@ -297,13 +304,15 @@ class Trainer:
                      "best_eval": None if math.isinf(self.best_eval) else self.best_eval,
                      "best_path": str(self.best_path) if self.best_path else None, "kind": kind,
                      "lineage": self.lineage, "run_id": self.run_id, "phase_index": self.phase_index,
-                     "phase_evals": self.phase_evals, **extra}
+                     "phase_evals": self.phase_evals, "tripped": self._tripped,
+                     "breaker": self.breaker.state_dict() if self.monitor is not None else None, **extra}
             if self.phased:
                 state["phase"] = self.phase.name
             (tmp / ckpt.STATE_NAME).write_text(json.dumps(state, indent=2))
 
         path = ckpt.atomic_dir(final, write, manifest=True)
         self._last_ckpt, self._last_ckpt_step = path, self.step
+        self._tripped = False
         keep = {self.best_path} if (self.best_path and self.cfg.checkpointing.keep_best) else set()
         keep.add(path)
         keep |= {c for c in ckpt.list_checkpoints(self.out) if ckpt.read_state(c).get("kind") == "phase"}
@@ -335,7 +344,7 @@ class Trainer:
             detail = " ".join(str(exc).split())[:300]
             raise UserError(f"cannot load checkpoint {path}: {type(exc).__name__}: {detail}") from None
 
-    def _load_checkpoint(self, path: Path) -> None:
+    def _load_checkpoint(self, path: Path, rollback: bool = False) -> None:
         state = ckpt.read_state(path)
         if self.handle is not None:
             load_adapter_into(self.handle, path)
@@ -358,6 +367,8 @@ class Trainer:
         self.best_path = Path(state["best_path"]) if state.get("best_path") else None
         self.lineage = state.get("lineage") or self.lineage
         self._last_ckpt, self._last_ckpt_step = path, self.step
+        if not rollback and self.monitor is not None and state.get("breaker"):
+            self.breaker.load_state_dict(state["breaker"])
 
     def _resume_path(self) -> Path | None:
         if not self.resume:
@@ -460,10 +471,15 @@ class Trainer:
         """run_end and close, best effort (the disk may be full)."""
         if self.metrics is None:
             return
+        record = {"event": "run_end", "step": self.step, "status": status, **fields}
         try:
-            self.metrics.log("run_end", step=self.step, status=status, **fields)
+            record = self.metrics.log("run_end", step=self.step, status=status, **fields)
         except OSError:
             pass
+        if getattr(self, "alerts", None) is not None:
+            if status != "completed":
+                self.alerts.send(record)
+            self.alerts.close()
         self.metrics.close()
         self.metrics = None
 
@@ -512,9 +528,7 @@ class Trainer:
                     raise RunStopped(self._write_failed_words(exc), FAILED) from None
                 except torch.OutOfMemoryError:
                     self._end("failed", reason="out_of_memory")
-                    raise RunStopped(f"error: out of GPU memory at step {self.step + 1}: lower "
-                                     "schedule.micro_batch_size or data.max_seq_len, turn on "
-                                     "checkpointing.gradient_checkpointing, or let the planner choose (--auto); "
+                    raise RunStopped(f"error: out of GPU memory at step {self.step + 1}: {self._oom_hint()}; "
                                      f"{self._last_checkpoint_words()}", FAILED) from None
                 except OSError as exc:
                     if exc.errno not in ckpt.NO_SPACE:
@@ -527,6 +541,28 @@ class Trainer:
                     raise
         finally:
             self.lock.release()
+
+    def _oom_hint(self) -> str:
+        """What fits instead: the planner's setup for this GPU at this length (best effort: the
+        failure path must not fail), else the general advice."""
+        general = ("lower schedule.micro_batch_size or data.max_seq_len, turn on checkpointing.gradient_checkpointing, "
+                   "or let the planner choose (--auto)")
+        if self.device.type != "cuda":
+            return general
+        try:
+            from swengine.planner.cli import make_plan
+
+            torch.cuda.empty_cache()
+            plan = make_plan(self.model_path, vram_gib=self.vram_total / 2**30, seq_len=self.phase.seq_len,
+                             batch=self.phase.micro_batch * self.phase.grad_accumulation, rank=self.spec.rank)
+            s = plan.setup
+            if not plan.fits:
+                return f"{general} (the planner finds nothing that fits this GPU at {self.phase.seq_len} tokens)"
+            return (f"the planner's setup for this GPU: micro-batch {s.micro_batch} × schedule.grad_accumulation "
+                    f"{plan.grad_accumulation}, checkpointing {'on' if s.checkpointing else 'off'}, base "
+                    f"{'bf16' if s.quant == 'none' else s.quant} (swengine train ... --auto applies it)")
+        except Exception:  # noqa: BLE001  (only advice)
+            return general
 
     def _write_failed_words(self, exc: ckpt.WriteFailed) -> str:
         if exc.no_space:
@@ -542,6 +578,7 @@ class Trainer:
         self.metrics = MetricsLogger(self.out / "metrics.jsonl", tb, run_id=self.run_id, log=self.log)
         if self.phased:
             self.metrics.phase = self.phase.name
+        self._setup_breaker()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
             self.log(f"resumed from {resume_from} at step {self.step}")
@@ -577,8 +614,12 @@ class Trainer:
             while self.step < self.total_steps:
                 if self._signals:
                     self._stop_for_signal(last_loss, last_eval)
+                rollbacks = self._rollbacks
                 loss, tokens, norm = self._train_step()  # counts the step once it is complete
                 tokens_seen += tokens
+                if self._rollbacks != rollbacks:  # the step was undone: its breaker event tells it
+                    window_loss, window_tokens, window_start = [], 0, time.perf_counter()
+                    continue
                 window_loss.append(loss)
                 window_tokens += tokens
                 if self.step % self.cfg.logging.every == 0 or self.step == self.total_steps:
@@ -650,15 +691,70 @@ class Trainer:
             return None
         self.metrics.log("eval", step=self.step, eval_loss=loss)
         self.progress(f"step {self.step}: eval loss {loss:.4f}")
+        if self.monitor is not None:
+            self._act(self.monitor.eval(self.step, loss, phase=self.phase.name if self.phased else None))
         if loss < self.best_eval and self.step < self.total_steps:
             self.best_eval = loss
             self.best_path = self.save_checkpoint("best")
         return loss
 
+    # ------------------------------------------------------------------ the circuit breaker
+    def _setup_breaker(self) -> None:
+        """safety.* → the breaker, its telemetry/print/alert glue (swengine/safety); None when off."""
+        self.monitor = self.alerts = None
+        self._tripped = False  # a trip more than a warning since the last checkpoint
+        self.vram_total = (torch.cuda.get_device_properties(self.device).total_memory
+                           if self.device.type == "cuda" else None)
+        if not self.cfg.safety.enabled:
+            return
+        from swengine.config import safety_rules
+        from swengine.safety.alerts import AlertRunner
+        from swengine.safety.monitor import Monitor
+        from swengine.safety.rules import Breaker, SafetyRules
+
+        self.breaker = Breaker(safety_rules(self.cfg, SafetyRules))
+        if self.cfg.safety.on_alert:
+            self.alerts = AlertRunner(self.cfg.safety.on_alert, log=self.log)
+        self.monitor = Monitor(self.breaker, self.metrics, self.log, self.alerts)
+
+    def _act(self, decision) -> None:
+        """Carry out a breaker decision: lower the LR, roll back to the last good checkpoint (the
+        data stream moves on: replaying the batches that tripped would trip again), or stop."""
+        if decision is None or decision.action in (None, "warn", "skip"):
+            return
+        from swengine.safety.actions import scale_lr
+
+        self._tripped = True
+        if decision.action == "lower_lr":
+            scale_lr(self.optimizer, self.scheduler, self.breaker.rules.rollback_lr_factor)
+            return
+        target = None
+        if decision.action == "rollback":
+            from swengine.train.rollback import last_good
+
+            target = last_good(self.out, before=decision.since, log=self.log)
+        first = decision.trips[0].message.split(" -> ")[0]  # what tripped, without the action taken
+        if target is None:
+            why = ("no checkpoint from before it to roll back to" if decision.action == "rollback"
+                   else f"safety.on_{decision.trips[0].rule}=stop")
+            self._end("failed", reason="breaker")
+            raise RunStopped(f"error: {first}: stopped ({why}); lower optim.lr or check the data; "
+                             f"{self._last_checkpoint_words()}", FAILED)
+        self._rollbacks += 1
+        stream_state, phase_index = self.stream.state_dict(), self.phase_index
+        self._load_checkpoint(target, rollback=True)
+        if self.phase_index == phase_index:
+            self.stream.load_state_dict(stream_state)
+        factor = self.breaker.after_rollback(self.step, ckpt.read_state(target).get("breaker"))
+        scale_lr(self.optimizer, self.scheduler, factor)
+        self.log(f"breaker: rolled back to {target.name} (step {self.step}), learning rate × {factor:g}; "
+                 "the data stream continues past the batches that tripped")
+
     def _train_step(self) -> tuple[float, int, float | None]:
         """One optimizer step over ``grad_accumulation`` micro-batches, every label token weighted
         alike. Micro-batch losses stay on the device; the step's loss is read once, at the end."""
         data_before, rng_before = self.stream.state_dict(), ckpt.rng_state()
+        started = time.perf_counter()  # this step's own time: evals and saves are not throughput
         try:
             batches, rows = [], []
             for _ in range(self.phase.grad_accumulation):
@@ -681,14 +777,21 @@ class Trainer:
             ckpt.set_rng_state(rng_before)
             self.optimizer.zero_grad(set_to_none=True)
             raise  # the step is undone (data position, RNG, gradients): a checkpoint now resumes exactly
+        norm_t = clip_gradients(self.optimizer, self.params, max_grad_norm=self.cfg.optim.max_grad_norm,
+                                scaler=self.scaler)
+        loss, norm = float(total), float(norm_t)  # the step's one host sync
+        decision = None
+        if self.monitor is not None:  # the circuit breaker sees the step before it is applied
+            tps = tokens / max(time.perf_counter() - started, 1e-9)
+            decision = self.monitor.step(self.step + 1, loss, norm, tps, peak_memory_bytes(self.device),
+                                         self.vram_total, phase=self.phase.name if self.phased else None)
         self._in_update = True
-        norm = optimizer_step(self.optimizer, self.params, max_grad_norm=self.cfg.optim.max_grad_norm,
-                              scaler=self.scaler)
+        if decision is not None and decision.action in ("skip", "rollback", "stop"):
+            discard_update(self.optimizer, self.scaler)
+        else:
+            apply_update(self.optimizer, self.scaler)
         self.scheduler.step()
         self.step += 1
         self._in_update = False
-        loss = float(total)
-        if self.cfg.safety.enabled and not math.isfinite(loss):
-            raise RunStopped(f"error: loss became {loss} at step {self.step}: stopped; lower optim.lr or check the data "
-                             f"({self._last_checkpoint_words()})", FAILED)
-        return loss, tokens, None if norm is None else float(norm)
+        self._act(decision)
+        return loss, tokens, norm
