@@ -212,7 +212,7 @@ def test_after_rollback_forgets_later_steps_and_gives_the_lr_factor():
 
 
 def test_grad_spike_skips_the_step_and_keeps_it_out_of_the_median():
-    b = Breaker(SafetyRules(warmup_steps=5))
+    b = Breaker(SafetyRules(warmup_steps=5, on_grad_spike="skip"))
     feed(b, [2.0] * 10, [1.0] * 10)
     trips = b.observe(11, 2.0, 50.0)
     assert [(t.rule, t.action) for t in trips] == [("grad_spike", "skip")]
@@ -404,7 +404,7 @@ def test_monitor_logs_prints_and_alerts_each_trip(tmp_path):
     metrics = MetricsLogger(tmp_path / "metrics.jsonl", run_id="r")
     lines: list[str] = []
     alerts = AlertRunner(f"cat >> {tmp_path / 'alerts.jsonl'}")
-    monitor = Monitor(Breaker(SafetyRules(warmup_steps=3)), metrics, lines.append, alerts)
+    monitor = Monitor(Breaker(SafetyRules(warmup_steps=3, on_grad_spike="skip")), metrics, lines.append, alerts)
     for s in range(1, 8):
         assert monitor.step(s, 2.0, 1.0, phase="phase-1").action is None
     decision = monitor.step(8, 2.0, 1.0e3, phase="phase-1")
