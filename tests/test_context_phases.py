@@ -87,21 +87,22 @@ def test_each_phase_trains_at_its_length(phased_run):
     assert max(tokens[:STEPS]) <= 2 * 128 < max(tokens[STEPS:]) <= 2 * 256  # micro-batch 2, one row each
 
 
-def test_transformers_reloads_the_extended_model_with_our_logits(phased_run, short_model):
+def reload_matches_ours(run_dir: Path, short_model: Path, rope_type: str) -> None:
+    """transformers + PEFT, loading the base with the config saved next to the adapter, give the
+    logits of our patched model built from the run's rope parameters; without it they differ."""
     from peft import PeftModel
 
     from swengine.model.adapter import load_adapter_into, read_adapter_config, spec_from_config
-    from swengine.model.load import load_config
     from swengine.model.patch import patch
 
-    adapter = phased_run / "adapter"
+    adapter = run_dir / "adapter"
     config = AutoConfig.from_pretrained(adapter)  # the extended config saved with the adapter
-    assert config.rope_parameters["rope_type"] == "yarn" and config.max_position_embeddings == 256
+    assert config.rope_parameters["rope_type"] == rope_type
+    assert config.max_position_embeddings == (64 if rope_type == "dynamic" else 256)  # dynamic scales past it
     ids = torch.randint(0, 400, (1, 256))
     base = AutoModelForCausalLM.from_pretrained(short_model, config=config, dtype=torch.float32)
     theirs = PeftModel.from_pretrained(base, str(adapter)).eval()(ids).logits
-    ours = AutoModelForCausalLM.from_pretrained(short_model, config=load_config(
-        str(short_model), 256, {"rope_type": "yarn", "factor": 4.0}), dtype=torch.float32).eval()
+    ours = AutoModelForCausalLM.from_pretrained(short_model, config=config, dtype=torch.float32).eval()
     handle = patch(ours, spec_from_config(read_adapter_config(adapter)))
     load_adapter_into(handle, adapter)
     with swkernels.force_backend("torch"):
@@ -109,6 +110,21 @@ def test_transformers_reloads_the_extended_model_with_our_logits(phased_run, sho
     plain = AutoModelForCausalLM.from_pretrained(short_model, dtype=torch.float32)
     plain = PeftModel.from_pretrained(plain, str(adapter)).eval()(ids).logits
     assert not torch.allclose(plain, theirs, atol=1e-3)  # without the saved config the logits differ
+
+
+def test_transformers_reloads_the_extended_model_with_our_logits(phased_run, short_model):
+    assert AutoConfig.from_pretrained(phased_run / "adapter").rope_parameters["factor"] == 4.0
+    reload_matches_ours(phased_run, short_model, "yarn")
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "llama3", "longrope"])
+def test_every_rope_scaling_type_trains_in_phases_and_reloads(rope_type, short_model, tiny_train_data, tmp_path,
+                                                              capsys):
+    argv = args(short_model, tiny_train_data, tmp_path / "run", "context.phase_steps=1")
+    argv[argv.index("yarn")] = rope_type
+    code, _, err = run(capsys, argv)
+    assert code == 0, err
+    reload_matches_ours(tmp_path / "run", short_model, rope_type)
 
 
 def test_merge_keeps_the_rope_parameters(phased_run, capsys, tmp_path):
@@ -160,6 +176,8 @@ def test_resume_inside_a_phase_reproduces_the_uninterrupted_run(phased_run, shor
      "unknown rope_type 'warp'"),
     (["context.phases=[128, 256]", "context.phase_steps=[1, 2, 3]"], "context.phase_steps has 3 values for 2"),
     (["--rope-scaling", "yarn"], "--rope-scaling needs --context"),
+    (["context.phases=[128, 256]", "context.rope_scaling={\"rope_type\": \"llama3\", \"factor\": 4}"],
+     "rope_type 'llama3' needs 'low_freq_factor'"),
 ])
 def test_bad_context_input_is_one_line_exit_2(short_model, tiny_train_data, tmp_path, capsys, extra, needle):
     argv = ["train", f"model.path={short_model}", f"data.train={tiny_train_data}", f"output_dir={tmp_path}", *extra]

@@ -79,6 +79,23 @@ def _check_has_rope(path: str) -> None:
                         "extension does not apply; remove context.rope_scaling / context.phases")
 
 
+def _check_rope_computes(config, params: dict) -> None:
+    """transformers' own init function must accept the parameters: a missing key (llama3's
+    low_freq_factor, longrope's long_factor, ...) is one line naming it, not a KeyError traceback."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    init = ROPE_INIT_FUNCTIONS.get(params["rope_type"])
+    if init is None:
+        return
+    try:
+        init(config, "cpu")
+    except KeyError as exc:
+        raise UserError(f"context.rope_scaling: rope_type {params['rope_type']!r} needs {exc.args[0]!r} (got "
+                        f"{sorted(k for k in params if k != 'rope_theta')}); add it to context.rope_scaling") from None
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise UserError(f"context.rope_scaling {params}: {str(exc).splitlines()[0]}") from None
+
+
 def rope_types() -> list[str]:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -121,7 +138,9 @@ def load_config(path: str, max_seq_len: int, rope_scaling: dict, extending: bool
             params.setdefault("original_max_position_embeddings", limit)
         config.rope_parameters = params
         factor = float(params.get("factor", 1.0))
-        config.max_position_embeddings = max(limit, int(math.ceil(limit * factor)), max_seq_len)
+        if params["rope_type"] != "dynamic":  # dynamic NTK scales past max_position_embeddings by itself:
+            config.max_position_embeddings = max(limit, int(math.ceil(limit * factor)), max_seq_len)  # keep it
+        _check_rope_computes(config, params)
     elif max_seq_len > limit:
         raise UserError(f"data.max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={limit}; "
                         "shorten it or extend the context with context.rope_scaling='{\"rope_type\": \"yarn\", "

@@ -113,10 +113,30 @@ def apply_context(cfg: TrainConfig, explicit: set[str], context: int | None, rop
             raise UserError(f"--rope-scaling {rope_type} differs from context.rope_scaling={params}; drop one of them")
         params["rope_type"] = rope_type
     params.setdefault("rope_type", "yarn")
-    if params["rope_type"] != "dynamic" or "factor" not in params:
-        params.setdefault("factor", context / native)
+    params.setdefault("factor", context / native)
+    if params["rope_type"] == "llama3":  # Llama 3.1's published values
+        params.setdefault("low_freq_factor", 1.0)
+        params.setdefault("high_freq_factor", 4.0)
+    elif params["rope_type"] == "longrope" and "long_factor" not in params:
+        # without searched per-dimension factors: uniform ones, i.e. interpolation by `factor` at long
+        # lengths with LongRoPE's attention scaling; a LongRoPE search's factors do better
+        half = _rotary_half_dim(cfg)
+        params.setdefault("long_factor", [params["factor"]] * half)
+        params.setdefault("short_factor", [1.0] * half)
+        notice(f"--rope-scaling longrope: uniform long_factor={params['factor']:g} over {half} frequencies (no "
+               "searched factors given; set context.rope_scaling.long_factor/short_factor from a LongRoPE search)")
     cfg.context.rope_scaling = params
     cfg.data.max_seq_len = context
+
+
+def _rotary_half_dim(cfg: TrainConfig) -> int:
+    """How many rotary frequencies the model has (head_dim × partial_rotary_factor / 2)."""
+    from swengine.model import load as model_load
+    from swengine.model.config import load_model_config
+
+    config = load_model_config(model_load.model_path(cfg.model.path))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(head_dim * getattr(config, "partial_rotary_factor", 1.0)) // 2
 
 
 def run_train(args: list[str], resume: str | None, auto: bool | None, gpu: str | None, dry_run: bool,
