@@ -78,7 +78,8 @@ def doctor(
 
 @app.command()
 def plan(
-    model: str = typer.Option(..., "--model", "-m", help="Preset (e.g. llama-3.1-8b), HF model directory, or config.json."),
+    model: str = typer.Option(..., "--model", "-m", help="Preset (e.g. llama-3.1-8b), HF model directory, config.json, "
+                              "or hub id org/name (only its config.json is fetched, through the HF cache)."),
     gpu: str = typer.Option(None, "--gpu", help="GPU to plan for, e.g. rtx-4090 (default: the detected GPU)."),
     vram: float = typer.Option(None, "--vram", help="VRAM in GiB, > 0 (overrides the GPU's, or plans for a bare "
                                "size)."),

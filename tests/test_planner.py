@@ -168,3 +168,23 @@ def test_an_nf4_teacher_is_planned_at_nf4_size():
              .estimate.components["teacher_weights"] / 2**30 for q in ("none", "nf4-dq")}
     assert 14.5 < sizes["none"] < 15.5  # 8.0B parameters in bf16
     assert 4.5 < sizes["nf4-dq"] < 6.0  # linears in NF4, embeddings and head in bf16
+
+
+def test_a_hub_model_is_planned_from_its_cached_config_and_offline_without_it_is_one_line(tmp_path):
+    """`--model org/name` fetches config.json alone through huggingface_hub's cache; offline, a
+    cached config plans and a missing one is a one-line error."""
+    from swengine.model.presets import PRESETS
+    from tests.utils import run_cli
+
+    snapshot = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(PRESETS["llama-3.2-1b"]))
+    (tmp_path / "hub" / "models--acme--tiny-llama" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny-llama" / "refs" / "main").write_text("0" * 40)
+    env = {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = run_cli("plan", "--model", "acme/tiny-llama", "--vram", "24", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["model"] == "acme/tiny-llama"
+    proc = run_cli("plan", "--model", "acme/not-cached", "--vram", "24", env=env)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot get config.json of acme/not-cached")
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr

@@ -47,10 +47,42 @@ def load_model_config(model: str) -> PretrainedConfig:
             raise UserError(f"{path}: transformers cannot read this config "
                             f"({(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
     key = preset_key(model)
-    if key is None:
-        raise UserError(f"unknown model {model!r}: not a local directory or config.json, and not a preset "
-                        f"(known: {', '.join(PRESETS)})")
-    return AutoConfig.for_model(**PRESETS[key])
+    if key is not None:
+        return AutoConfig.for_model(**PRESETS[key])
+    if _is_hub_id(model):
+        return load_model_config(str(hub_config(model)))
+    raise UserError(f"unknown model {model!r}: not a local directory or config.json, a hub id (org/name), or a "
+                    f"preset (known: {', '.join(PRESETS)})")
+
+
+def _is_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts) and not model.startswith((".", "/", "~"))
+
+
+def hub_config(repo_id: str) -> Path:
+    """config.json of a hub model, fetched alone (no weights) through huggingface_hub and its cache;
+    offline it must already be in the cache (HF_HOME), else a one-line error saying so."""
+    import logging
+
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, "config.json", local_files_only=True))  # the cache first
+    except Exception:  # noqa: BLE001  (not cached: ask the hub)
+        pass
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry lines would break the one-line error
+    try:
+        return Path(hf_hub_download(repo_id, "config.json"))
+    except Exception as exc:  # noqa: BLE001  (offline, not found, gated, network: one line each)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot get config.json of {repo_id} from the Hugging Face hub ({type(exc).__name__}: "
+                        f"{first[:160]}); offline it must be in the hub cache (HF_HOME), or pass a local model "
+                        "directory, a config.json or a preset") from None
+    finally:
+        hub_log.setLevel(level)
 
 
 def check_family(model_type: str) -> None:
