@@ -180,3 +180,16 @@ def test_declared_dependencies_cover_every_third_party_import():
     assert third_party <= provided, f"imported but not declared in pyproject.toml: {third_party - provided}"
     runtime = {d.split(">")[0].split("=")[0].strip() for d in declared["dependencies"]}
     assert "jsonschema" not in runtime  # only the tests validate schemas
+
+
+def test_auto_keeps_what_the_user_set_and_refuses_a_kept_setup_that_cannot_fit(capsys):
+    code, out, err = run(capsys, "train", "--auto", "--gpu", "rtx-4060", "--dry-run", "lora.rank=8",
+                         "optim.name=adamw8bit")
+    cfg = yaml.safe_load(out)
+    assert code == 0 and cfg["lora"]["rank"] == 8 and cfg["optim"]["name"] == "adamw8bit"
+    assert "--auto keeps what you set:" in err and "optim.name=adamw8bit" in err
+    code, out, err = run(capsys, "train", "--auto", "--gpu", "rtx-4060", "--dry-run", "schedule.micro_batch_size=512",
+                         "data.max_seq_len=512")
+    assert code == 2 and out == ""
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: --auto: the setup you set needs") and "the closest setup that fits:" in last

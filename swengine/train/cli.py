@@ -57,13 +57,40 @@ def apply_plan(cfg: TrainConfig, gpu: str | None, explicit: set[str] | frozenset
                "schedule.micro_batch_size": s.micro_batch, "schedule.grad_accumulation": result.grad_accumulation,
                "checkpointing.gradient_checkpointing": s.checkpointing, "optim.name": s.optimizer,
                "quantization.load_in_4bit": s.quant != "none", "quantization.double_quant": s.quant == "nf4-dq"}
+    kept = []
     for key, value in choices.items():
         section, name = key.split(".")
         if key in explicit:
             if getattr(getattr(cfg, section), name) != value:
-                notice(f"--auto: keeping your {key}={getattr(getattr(cfg, section), name)} (the plan has {value})")
+                kept.append(f"{key}={getattr(getattr(cfg, section), name)} (plan: {value})")
         else:
             setattr(getattr(cfg, section), name, value)
+    if kept:
+        notice(f"--auto keeps what you set: {', '.join(kept)}")
+        _check_kept_setup_fits(cfg, result)
+
+
+def _check_kept_setup_fits(cfg: TrainConfig, result) -> None:
+    """Values the user set are constraints: the setup they make, with the planner's other choices,
+    must fit the card; if not, one line naming the closest setup that does."""
+    from swengine.model import load as model_load
+    from swengine.model.config import load_model_config
+    from swengine.planner.analytic import estimate
+    from swengine.planner.search import SAFETY_MARGIN, GiB
+
+    s = result.setup
+    quant = ("nf4-dq" if cfg.quantization.double_quant else "nf4") if cfg.quantization.load_in_4bit else "none"
+    mine = s.with_(micro_batch=cfg.schedule.micro_batch_size, lora_rank=cfg.lora.rank, quant=quant,
+                   checkpointing=cfg.checkpointing.gradient_checkpointing, optimizer=cfg.optim.name)
+    need = estimate(load_model_config(model_load.model_path(cfg.model.path)), mine).total_vram
+    budget = result.vram_bytes * SAFETY_MARGIN
+    if need > budget:
+        raise UserError(f"--auto: the setup you set needs {need / GiB:.2f} GiB, more than the {budget / GiB:.2f} GiB "
+                        f"usable on {result.gpu}; the closest setup that fits: lora.rank={s.lora_rank} "
+                        f"schedule.micro_batch_size={s.micro_batch} schedule.grad_accumulation="
+                        f"{result.grad_accumulation} checkpointing.gradient_checkpointing="
+                        f"{str(s.checkpointing).lower()} quantization.load_in_4bit={str(s.quant != 'none').lower()} "
+                        f"optim.name={s.optimizer}")
 
 
 def phase_planner(cfg: TrainConfig, gpu: str | None):
