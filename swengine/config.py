@@ -48,10 +48,13 @@ class QuantizationConfig:
 class DataConfig:
     train: str = ""  # jsonl/json/parquet/txt; "" = the embedded demo dataset
     eval: str = ""  # "" = split eval_fraction off the training data
-    format: Literal["auto", "text", "alpaca", "prompt_completion", "messages"] = "auto"
+    format: Literal["auto", "text", "alpaca", "prompt_completion", "messages", "sharegpt"] = "auto"
     text_field: str = "text"
     max_seq_len: int = 512
     packing: bool = True
+    # greedy: documents in order, a new row when the next one does not fit; best_fit: best-fit
+    # decreasing (fewer rows and pad tokens; the padding ratio is in the run-start line)
+    packing_strategy: Literal["greedy", "best_fit"] = "greedy"
     train_on_prompt: bool = False  # False: loss only on completions / assistant turns
     eval_fraction: float = 0.05
     shuffle: bool = True

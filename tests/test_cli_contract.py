@@ -105,7 +105,7 @@ def tiny(tiny_llama, tiny_train_data, out, *extra):
 def test_training_progress_goes_to_stderr_and_the_summary_to_stdout(capsys, tiny_llama, tiny_train_data, tmp_path):
     code, out, err = run(capsys, *tiny(tiny_llama, tiny_train_data, tmp_path / "run", "schedule.max_steps=2"))
     assert code == 0
-    assert "step 1/2" in err and "trainable LoRA parameters" in err
+    assert "step 1/2" in err and "trainable LoRA parameters" in err and "% padding" in err
     assert "step 1/2" not in out and "adapter (PEFT format)" in out
     for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
         event = json.loads(line)

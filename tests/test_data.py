@@ -228,3 +228,32 @@ def test_run_start_line_reports_truncated_records(tmp_path):
     assert "training records truncated" in start and "(longer than data.max_seq_len=12; data.truncate=truncate)" in start
     [event] = read_events(tmp_path / "run" / "metrics.jsonl", "run_start")
     assert event["truncated_records"] > 0
+
+
+def test_sharegpt_is_detected_and_trains_like_messages(tok, tmp_path):
+    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Reverse: red fox"},
+             {"from": "gpt", "value": "fox red"}]
+    rec = {"conversations": turns}
+    assert detect_format(rec) == "sharegpt"
+    messages = [{"role": r, "content": t["value"]} for r, t in zip(("system", "user", "assistant"), turns, strict=True)]
+    ours, ref = to_example(rec, "sharegpt", tok), to_example({"messages": messages}, "messages", tok)
+    assert ours == ref and trained_text(tok, ours).strip().startswith("fox red")
+    path = tmp_path / "sg.jsonl"
+    path.write_text(json.dumps(rec) + "\n" + json.dumps({"conversations": [{"from": "robot", "value": "x"}]}) + "\n")
+    with pytest.raises(UserError, match=r"sg.jsonl:2: conversations\[0\].from is 'robot'"):
+        prepare(DataConfig(max_seq_len=64, eval_fraction=0.0), tok, str(path), "", 0)
+
+
+def test_best_fit_packing_uses_fewer_rows_and_keeps_every_token():
+    from swengine.data.batches import pack_best_fit, padding_ratio
+
+    lengths = [7, 6, 5, 4, 3, 3, 2, 2, 1, 1, 6, 2]
+    docs = [Example(list(range(10 * i, 10 * i + n)), list(range(10 * i, 10 * i + n))) for i, n in enumerate(lengths)]
+    greedy, best = pack(docs, 8, 0), pack_best_fit(docs, 8, 0)
+    assert len(best) == 6 < len(greedy) == 7  # 42 tokens in rows of 8: 6 is the minimum
+    assert padding_ratio(best) < padding_ratio(greedy)
+    kept = sorted(t for r in best for t in r.input_ids[:r.real_tokens])
+    assert kept == sorted(t for d in docs for t in d.input_ids)  # every document token, once
+    for r in best:  # positions restart per document; no label crosses a boundary
+        starts = [i for i, p in enumerate(r.position_ids[:r.real_tokens]) if p == 0]
+        assert all(r.labels[i] == IGNORE for i in starts)

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 
 from swengine.config import DataConfig
-from swengine.data.batches import Row, pack, unpacked
+from swengine.data.batches import Row, pack, pack_best_fit, unpacked
 from swengine.data.formats import IGNORE, Example, check_fields, detect_format, to_example
 from swengine.data.records import read_records_located
 from swengine.errors import UserError
@@ -100,7 +100,8 @@ def prepare(cfg: DataConfig, tokenizer, train_path: str, eval_path: str, seed: i
     evals, eval_cut, eval_dropped = (_examples(eval_records, eval_where, fmt, tokenizer, cfg, "eval")
                                      if eval_records else ([], 0, 0))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_rows = pack(train, cfg.max_seq_len, pad) if cfg.packing else unpacked(train, cfg.max_seq_len)
+    packer = pack_best_fit if cfg.packing_strategy == "best_fit" else pack
+    train_rows = packer(train, cfg.max_seq_len, pad) if cfg.packing else unpacked(train, cfg.max_seq_len)
     eval_rows = unpacked(evals, cfg.max_seq_len)
     return Prepared(train_rows, eval_rows, fmt, len(train), sum(e.trained_tokens for e in train),
                     truncated=truncated, dropped=dropped, eval_truncated=eval_cut + eval_dropped,

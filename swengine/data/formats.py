@@ -5,6 +5,9 @@ Formats (``data.format``, or detected from the first record's fields):
 * alpaca: {"instruction", "input"?, "output"} — the response is trained.
 * prompt_completion: {"prompt", "completion"} — the completion is trained.
 * messages: {"messages": [{"role", "content"}, ...]} — assistant turns are trained.
+* sharegpt: {"conversations": [{"from", "value"}, ...]} — ShareGPT's layout (the most common chat
+  layout on the Hub): roles mapped (human/user → user, gpt/assistant/… → assistant, system), then
+  as messages.
 Instruction formats go through the tokenizer's chat template when it has one (alpaca and
 prompt/completion become a user + assistant exchange); otherwise a plain Alpaca-style prompt.
 ``train_on_prompt`` trains every token. Masked labels are -100.
@@ -17,9 +20,13 @@ from dataclasses import dataclass
 from swengine.errors import UserError
 
 IGNORE = -100
-FORMATS = ("text", "alpaca", "prompt_completion", "messages")
+FORMATS = ("text", "alpaca", "prompt_completion", "messages", "sharegpt")
 REQUIRED = {"text": ("text",), "alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
-            "messages": ("messages",)}
+            "messages": ("messages",), "sharegpt": ("conversations",)}
+# ShareGPT speaker names → chat roles (the names seen in public ShareGPT-layout datasets)
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
+                  "system": "system"}
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
@@ -40,6 +47,8 @@ def detect_format(record: dict, requested: str = "auto", text_field: str = "text
         return requested
     if "messages" in record:
         return "messages"
+    if "conversations" in record:
+        return "sharegpt"
     if "instruction" in record and "output" in record:
         return "alpaca"
     if "prompt" in record and "completion" in record:
@@ -47,7 +56,8 @@ def detect_format(record: dict, requested: str = "auto", text_field: str = "text
     if text_field in record:
         return "text"
     raise UserError(f"cannot tell the dataset format from fields {sorted(record)}; expected one of: "
-                    f"'{text_field}' (text), 'instruction'+'output' (alpaca), 'prompt'+'completion', 'messages'")
+                    f"'{text_field}' (text), 'instruction'+'output' (alpaca), 'prompt'+'completion', 'messages', "
+                    "'conversations' (sharegpt)")
 
 
 def _kind(value) -> str:
@@ -75,7 +85,24 @@ def _field_error(record: dict, fmt: str, text_field: str) -> str | None:
             for name in ("role", "content"):
                 if not isinstance(m[name], str):
                     return f"messages[{j}].{name} is {_kind(m[name])}; it must be a string"
+    if fmt == "sharegpt":
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not turns:
+            return (f"field 'conversations' is {_kind(turns) if turns != [] else 'empty'}; it must be a non-empty "
+                    "list")
+        for j, t in enumerate(turns):
+            if not isinstance(t, dict) or "from" not in t or "value" not in t:
+                return f"conversations[{j}] must be an object with 'from' and 'value'"
+            if not isinstance(t["value"], str):
+                return f"conversations[{j}].value is {_kind(t['value'])}; it must be a string"
+            if t["from"] not in SHAREGPT_ROLES:
+                return (f"conversations[{j}].from is {t['from']!r}; expected one of: "
+                        f"{', '.join(SHAREGPT_ROLES)}")
     return None
+
+
+def sharegpt_messages(turns: list[dict]) -> list[dict]:
+    return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
 
 
 def check_fields(records: list[dict], fmt: str, source: str, text_field: str = "text",
@@ -139,10 +166,11 @@ def to_example(record: dict, fmt: str, tokenizer, *, train_on_prompt: bool = Fal
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         ids = bos + ids + eos
         return Example(ids, list(ids))
-    if fmt == "messages":
+    if fmt in ("messages", "sharegpt"):
         if not _has_template(tokenizer):
-            raise UserError("messages-format data needs a tokenizer with a chat template")
-        return _chat_example(tokenizer, record["messages"], train_on_prompt)
+            raise UserError(f"{fmt}-format data needs a tokenizer with a chat template")
+        messages = record["messages"] if fmt == "messages" else sharegpt_messages(record["conversations"])
+        return _chat_example(tokenizer, messages, train_on_prompt)
     if fmt == "alpaca":
         user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
         answer = record["output"]

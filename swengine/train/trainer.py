@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from swengine.config import TrainConfig
-from swengine.data.batches import BatchStream, eval_batches
+from swengine.data.batches import BatchStream, eval_batches, padding_ratio
 from swengine.data.dataset import Prepared, prepare
 from swengine.errors import UserError
 from swengine.model import load as model_load
@@ -592,7 +592,8 @@ class Trainer:
                          total_steps=self.total_steps, train_rows=len(self.data.train), eval_rows=len(self.data.eval),
                          data_format=self.data.format, resumed_from=str(resume_from) if resume_from else None,
                          lineage=self.lineage, pid=os.getpid(), truncated_records=self.data.truncated,
-                         dropped_records=self.data.dropped, config=self.cfg.to_dict())
+                         dropped_records=self.data.dropped, padding_ratio=padding_ratio(self.data.train),
+                         config=self.cfg.to_dict())
         if self.distiller is not None:
             self.log(self.distiller.describe())
         if self.phased:
@@ -600,7 +601,8 @@ class Trainer:
                      f"{self.cfg.context.rope_scaling or '(the model config)'}: {phases.describe(self.phases)}")
         lengths = f"; {self.data.length_summary}" if self.data.length_summary else ""
         self.log(f"{self.model_path}: {n_params:,} trainable LoRA parameters (rank {self.spec.rank}), "
-                 f"{len(self.data.train)} training rows ({self.data.format}{lengths}), {self.total_steps} steps on "
+                 f"{len(self.data.train)} training rows ({self.data.format}, {100 * padding_ratio(self.data.train):.1f}% "
+                 f"padding{lengths}), {self.total_steps} steps on "
                  f"{self.device} in {str(self.dtype).replace('torch.', '')}")
         skill_before = self.skill_accuracy() if resume_from is None else None
         first_eval = self.evaluate() if resume_from is None else None
