@@ -56,6 +56,7 @@ class DataConfig:
     # decreasing (fewer rows and pad tokens; the padding ratio is in the run-start line)
     packing_strategy: Literal["greedy", "best_fit"] = "greedy"
     train_on_prompt: bool = False  # False: loss only on completions / assistant turns
+    chat_template: str = ""  # "" = the tokenizer's; a bundled name (chatml, llama3) or a .jinja file
     eval_fraction: float = 0.05
     shuffle: bool = True
     # a record longer than max_seq_len tokens: "truncate" it (the count is reported at run start),

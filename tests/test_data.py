@@ -257,3 +257,24 @@ def test_best_fit_packing_uses_fewer_rows_and_keeps_every_token():
     for r in best:  # positions restart per document; no label crosses a boundary
         starts = [i for i, p in enumerate(r.position_ids[:r.real_tokens]) if p == 0]
         assert all(r.labels[i] == IGNORE for i in starts)
+
+
+def test_chat_template_override_and_the_prefix_check(tok, tmp_path):
+    rec = {"messages": [{"role": "user", "content": "Reverse: red fox"}, {"role": "assistant", "content": "fox red"}]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    cfg = DataConfig(max_seq_len=128, eval_fraction=0.0, packing=False, chat_template="chatml")
+    row = prepare(cfg, tok, str(path), "", 0).train[0]
+    text = tok.decode(row.input_ids)
+    assert text.strip().startswith("<|im_start|>user") and "<|im_start|>assistant" in text
+    assert tok.decode([t for t, lab in zip(row.input_ids, row.labels, strict=True) if lab != IGNORE]).startswith(
+        "fox red<|im_end|>")
+    assert tok.chat_template and "<|im_start|>" not in tok.chat_template  # the tokenizer itself is untouched
+    jinja = tmp_path / "odd.jinja"  # renders a user-ended prefix with a footer the whole conversation lacks
+    jinja.write_text("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+                     "{% if messages[-1]['role'] == 'user' %}(reply){% endif %}"
+                     "{% if add_generation_prompt %}[assistant]{% endif %}")
+    with pytest.raises(UserError, match=r"chat.jsonl:1: the chat template renders the conversation up to turn 1"):
+        prepare(DataConfig(max_seq_len=128, eval_fraction=0.0, chat_template=str(jinja)), tok, str(path), "", 0)
+    with pytest.raises(UserError, match="neither a bundled template \\(chatml, llama3\\) nor a jinja file"):
+        prepare(DataConfig(max_seq_len=128, eval_fraction=0.0, chat_template="vicuna"), tok, str(path), "", 0)

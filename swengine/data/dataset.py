@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from swengine.config import DataConfig
 from swengine.data.batches import Row, pack, pack_best_fit, unpacked
-from swengine.data.formats import IGNORE, Example, check_fields, detect_format, to_example
+from swengine.data.formats import IGNORE, Example, check_fields, detect_format, to_example, with_chat_template
 from swengine.data.records import read_records_located
 from swengine.errors import UserError
 
@@ -55,7 +55,10 @@ def _examples(records: list[dict], where: list[str], fmt: str, tokenizer, cfg: D
     (truncated later by pack/unpacked, or dropped here, per ``cfg.truncate``)."""
     out, over, dropped = [], [], 0
     for record, at in zip(records, where, strict=True):
-        e = to_example(record, fmt, tokenizer, train_on_prompt=cfg.train_on_prompt, text_field=cfg.text_field)
+        try:
+            e = to_example(record, fmt, tokenizer, train_on_prompt=cfg.train_on_prompt, text_field=cfg.text_field)
+        except UserError as exc:
+            raise UserError(f"{at}: {exc}") from None
         long = len(e.input_ids) > cfg.max_seq_len
         if long:
             over.append((at, len(e.input_ids)))
@@ -75,6 +78,8 @@ def _examples(records: list[dict], where: list[str], fmt: str, tokenizer, cfg: D
 
 
 def prepare(cfg: DataConfig, tokenizer, train_path: str, eval_path: str, seed: int) -> Prepared:
+    if cfg.chat_template:
+        tokenizer = with_chat_template(tokenizer, cfg.chat_template)
     records, where = read_records_located(train_path)
     fmt = detect_format(records[0], cfg.format, cfg.text_field)
     check_fields(records, fmt, train_path, cfg.text_field, where)

@@ -16,6 +16,7 @@ prompt/completion become a user + assistant exchange); otherwise a plain Alpaca-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from swengine.errors import UserError
 
@@ -144,9 +145,36 @@ def _chat_example(tokenizer, messages: list[dict], train_on_prompt: bool) -> Exa
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=False)
         before = list(before["input_ids"] if isinstance(before, dict) else before)
         upto = list(upto["input_ids"] if isinstance(upto, dict) else upto)
+        if ids[:len(before)] != before or ids[:len(upto)] != upto:
+            raise UserError(f"the chat template renders the conversation up to turn {i} differently from the "
+                            "whole conversation, so the assistant tokens cannot be located; use a template whose "
+                            "prefixes are prefixes (data.chat_template=chatml|llama3|<file.jinja>) or "
+                            "data.train_on_prompt=true")
         start, end = len(before), len(upto)
         labels[start:end] = ids[start:end]
     return Example(ids, labels)
+
+
+BUNDLED_TEMPLATES = Path(__file__).resolve().parents[1] / "assets" / "chat_templates"
+
+
+def with_chat_template(tokenizer, template: str):
+    """``data.chat_template``: a bundled template's name (chatml, llama3) or a jinja file, on a
+    copy of the tokenizer (its own template, if any, is left alone)."""
+    import copy
+
+    bundled = BUNDLED_TEMPLATES / f"{template}.jinja"
+    path = bundled if bundled.is_file() else Path(template).expanduser()
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in BUNDLED_TEMPLATES.glob("*.jinja")))
+        raise UserError(f"data.chat_template={template!r} is neither a bundled template ({names}) nor a jinja file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"data.chat_template: cannot read {path} ({exc})") from None
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.chat_template = text
+    return tokenizer
 
 
 def _plain_example(tokenizer, prompt: str, answer: str, train_on_prompt: bool) -> Example:
