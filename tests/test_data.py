@@ -278,3 +278,25 @@ def test_chat_template_override_and_the_prefix_check(tok, tmp_path):
         prepare(DataConfig(max_seq_len=128, eval_fraction=0.0, chat_template=str(jinja)), tok, str(path), "", 0)
     with pytest.raises(UserError, match="neither a bundled template \\(chatml, llama3\\) nor a jinja file"):
         prepare(DataConfig(max_seq_len=128, eval_fraction=0.0, chat_template="vicuna"), tok, str(path), "", 0)
+
+
+def test_a_directory_of_files_is_one_dataset(tmp_path, tok):
+    root = tmp_path / "data"
+    (root / "b").mkdir(parents=True)
+    (root / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n")
+    (root / "b" / "c.txt").write_text("two\n\nthree\n")
+    (root / ".hidden.jsonl").write_text("not json\n")  # dot-files are left out
+    (root / "notes.md").write_text("ignored")
+    from swengine.data.records import read_records_located
+
+    rows, where = read_records_located(str(root))
+    assert [r["text"] for r in rows] == ["one", "two", "three"]
+    assert where[0].endswith("a.jsonl:1") and "c.txt record 1" in where[2]
+    assert len(prepare(DataConfig(max_seq_len=32, eval_fraction=0.0), tok, str(root), "", 0).train) >= 1
+    (root / "a.jsonl").write_text("{bad\n")
+    with pytest.raises(UserError, match="a.jsonl:1 is not valid JSON"):
+        read_records_located(str(root))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="has no .jsonl/.json/.parquet/.txt files"):
+        read_records_located(str(empty))

@@ -1,4 +1,4 @@
-"""Read training records from jsonl / json / parquet / txt files."""
+"""Read training records from jsonl / json / parquet / txt files, or a directory of them."""
 
 from __future__ import annotations
 
@@ -22,10 +22,14 @@ def _text(p: Path, path: str) -> str:
 
 
 def read_records_located(path: str) -> tuple[list[dict], list[str]]:
-    """Rows as dicts, and where each came from (``file:line`` for .jsonl, ``file record N`` otherwise)."""
+    """Rows as dicts, and where each came from (``file:line`` for .jsonl, ``file record N`` otherwise).
+    A directory: every data file in it (recursively, sorted by path), concatenated."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        return _read_directory(p, path)
     if not p.is_file():
-        raise UserError(f"dataset file {path} not found; set data.train=<path to a .jsonl/.json/.parquet/.txt file>")
+        raise UserError(f"dataset file {path} not found; set data.train=<a .jsonl/.json/.parquet/.txt file or a "
+                        "directory of them>")
     suffix = p.suffix.lower()
     where: list[str] | None = None
     if suffix == ".jsonl":
@@ -66,6 +70,19 @@ def read_records_located(path: str) -> tuple[list[dict], list[str]]:
     for r, w in zip(rows, where, strict=True):
         if not isinstance(r, dict):
             raise UserError(f"{w}: every record must be a JSON object (got {type(r).__name__})")
+    return rows, where
+
+
+def _read_directory(p: Path, path: str) -> tuple[list[dict], list[str]]:
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES
+                   and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    if not files:
+        raise UserError(f"dataset directory {path} has no {'/'.join(SUFFIXES)} files")
+    rows, where = [], []
+    for f in files:
+        r, w = read_records_located(str(f))
+        rows += r
+        where += w
     return rows, where
 
 
