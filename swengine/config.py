@@ -62,6 +62,9 @@ class DataConfig:
     # a record longer than max_seq_len tokens: "truncate" it (the count is reported at run start),
     # "drop" it (counted too), or stop with an "error" naming the first one
     truncate: Literal["truncate", "drop", "error"] = "truncate"
+    # records that do not fit their format (missing or mistyped fields) left out, counted and reported;
+    # one more than this is an error naming the first (0: every malformed record is an error)
+    max_bad_rows: int = 0
 
 
 @dataclass
@@ -319,6 +322,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout})")
     if cfg.data.max_seq_len < 8:
         raise UserError(f"data.max_seq_len must be >= 8 (got {cfg.data.max_seq_len})")
+    if cfg.data.max_bad_rows < 0:
+        raise UserError(f"data.max_bad_rows must be >= 0 (got {cfg.data.max_bad_rows})")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise UserError(f"data.eval_fraction must be in [0, 1) (got {cfg.data.eval_fraction})")
     if not math.isfinite(cfg.optim.lr) or cfg.optim.lr <= 0:

@@ -32,6 +32,7 @@ class Prepared:
     eval_truncated: int = 0  # evaluation records longer than max_seq_len (truncated or dropped, as above)
     max_seq_len: int = 0
     truncate_mode: str = "truncate"
+    malformed: int = 0  # records left out for not fitting their format (data.max_bad_rows allows them)
 
     @property
     def length_summary(self) -> str:
@@ -44,9 +45,12 @@ class Prepared:
         if self.eval_truncated:
             verb = "dropped" if self.truncate_mode == "drop" else "truncated or dropped"
             parts.append(f"{self.eval_truncated} eval record{'s' * (self.eval_truncated != 1)} {verb}")
+        malformed = (f"; {self.malformed} malformed record{'s' * (self.malformed != 1)} left out "
+                     "(data.max_bad_rows)") if self.malformed else ""
         if not parts:
-            return ""
-        return f"{', '.join(parts)} (longer than data.max_seq_len={self.max_seq_len}; data.truncate={self.truncate_mode})"
+            return malformed.removeprefix("; ")
+        return (f"{', '.join(parts)} (longer than data.max_seq_len={self.max_seq_len}; data.truncate="
+                f"{self.truncate_mode}){malformed}")
 
 
 def _examples(records: list[dict], where: list[str], fmt: str, tokenizer, cfg: DataConfig,
@@ -77,16 +81,28 @@ def _examples(records: list[dict], where: list[str], fmt: str, tokenizer, cfg: D
     return out, len(over) - dropped, dropped
 
 
+def _without(records: list[dict], where: list[str], drop: list[int]) -> tuple[list[dict], list[str]]:
+    if not drop:
+        return records, where
+    gone = set(drop)
+    keep = [i for i in range(len(records)) if i not in gone]
+    return [records[i] for i in keep], [where[i] for i in keep]
+
+
 def prepare(cfg: DataConfig, tokenizer, train_path: str, eval_path: str, seed: int) -> Prepared:
     if cfg.chat_template:
         tokenizer = with_chat_template(tokenizer, cfg.chat_template)
     records, where = read_records_located(train_path)
     fmt = detect_format(records[0], cfg.format, cfg.text_field)
-    check_fields(records, fmt, train_path, cfg.text_field, where)
+    skipped = check_fields(records, fmt, train_path, cfg.text_field, where, cfg.max_bad_rows)
+    records, where = _without(records, where, skipped)
     eval_records = eval_where = None
     if eval_path:
         eval_records, eval_where = read_records_located(eval_path)
-        check_fields(eval_records, fmt, eval_path, cfg.text_field, eval_where)
+        eval_skipped = check_fields(eval_records, fmt, eval_path, cfg.text_field, eval_where,
+                                    cfg.max_bad_rows - len(skipped))
+        eval_records, eval_where = _without(eval_records, eval_where, eval_skipped)
+        skipped += eval_skipped
     elif cfg.eval_fraction > 0 and len(records) > 1:
         order = list(range(len(records)))
         random.Random(seed).shuffle(order)
@@ -110,4 +126,4 @@ def prepare(cfg: DataConfig, tokenizer, train_path: str, eval_path: str, seed: i
     eval_rows = unpacked(evals, cfg.max_seq_len)
     return Prepared(train_rows, eval_rows, fmt, len(train), sum(e.trained_tokens for e in train),
                     truncated=truncated, dropped=dropped, eval_truncated=eval_cut + eval_dropped,
-                    max_seq_len=cfg.max_seq_len, truncate_mode=cfg.truncate)
+                    max_seq_len=cfg.max_seq_len, truncate_mode=cfg.truncate, malformed=len(skipped))

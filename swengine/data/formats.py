@@ -106,20 +106,33 @@ def sharegpt_messages(turns: list[dict]) -> list[dict]:
     return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
 
 
-def check_fields(records: list[dict], fmt: str, source: str, text_field: str = "text",
-                 where: list[str] | None = None) -> None:
-    """Every record has its format's fields, as strings. ``where`` names each record (file:line)."""
+def record_error(record: dict, fmt: str, source: str, i: int, text_field: str = "text",
+                 at: str | None = None) -> str | None:
+    """Why record ``i`` does not fit its format (one line naming where), or None."""
     needed = (text_field,) if fmt == "text" else REQUIRED[fmt]
+    missing = [f for f in needed if f not in record]
+    if missing:
+        line = f" at {at}" if at else ""
+        return (f"{source}: record {i} has no {', '.join(repr(m) for m in missing)} field{line} "
+                f"(format {fmt} needs {', '.join(needed)}; it has {', '.join(sorted(record)) or 'none'})")
+    problem = _field_error(record, fmt, text_field)
+    return f"{at or f'{source}: record {i}'}: {problem} (format {fmt})" if problem else None
+
+
+def check_fields(records: list[dict], fmt: str, source: str, text_field: str = "text",
+                 where: list[str] | None = None, max_bad: int = 0) -> list[int]:
+    """Every record has its format's fields, as strings. ``where`` names each record (file:line).
+    Up to ``max_bad`` malformed records are tolerated: their indices are returned (to be left out,
+    and counted); one more is an error naming the first."""
+    bad: list[tuple[int, str]] = []
     for i, r in enumerate(records):
-        at = where[i] if where else f"{source}: record {i}"
-        missing = [f for f in needed if f not in r]
-        if missing:
-            line = f" at {at}" if where else ""
-            raise UserError(f"{source}: record {i} has no {', '.join(repr(m) for m in missing)} field{line} "
-                            f"(format {fmt} needs {', '.join(needed)}; it has {', '.join(sorted(r)) or 'none'})")
-        problem = _field_error(r, fmt, text_field)
+        problem = record_error(r, fmt, source, i, text_field, where[i] if where else None)
         if problem:
-            raise UserError(f"{at}: {problem} (format {fmt})")
+            bad.append((i, problem))
+            if len(bad) > max_bad:
+                more = f" ({len(bad)} malformed so far, data.max_bad_rows={max_bad})" if max_bad else ""
+                raise UserError(bad[0][1] + more)
+    return [i for i, _ in bad]
 
 
 def _has_template(tokenizer) -> bool:

@@ -592,7 +592,8 @@ class Trainer:
                          total_steps=self.total_steps, train_rows=len(self.data.train), eval_rows=len(self.data.eval),
                          data_format=self.data.format, resumed_from=str(resume_from) if resume_from else None,
                          lineage=self.lineage, pid=os.getpid(), truncated_records=self.data.truncated,
-                         dropped_records=self.data.dropped, padding_ratio=padding_ratio(self.data.train),
+                         dropped_records=self.data.dropped, malformed_records=self.data.malformed,
+                         padding_ratio=padding_ratio(self.data.train),
                          config=self.cfg.to_dict())
         if self.distiller is not None:
             self.log(self.distiller.describe())
