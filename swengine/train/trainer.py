@@ -10,13 +10,15 @@ A run owns its output_dir (:mod:`swengine.train.lock`): a second live run is ref
 directory needs ``--resume`` or ``--overwrite`` (which archives the old run). Checkpoints are
 verified before loading (:mod:`swengine.train.checkpoint`); a full disk ends the run with exit 3
 and the last checkpoint intact (:mod:`swengine.train.stops`).
+
+The class is split by concern: context phases (:mod:`swengine.train.trainer_phases`), checkpoint
+save/load (:mod:`swengine.train.trainer_checkpoints`) and the circuit-breaker glue
+(:mod:`swengine.train.trainer_breaker`); the loop, signals and the output directory stay here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
 import os
 import random
@@ -29,25 +31,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from swengine.config import TrainConfig
-from swengine.data.batches import BatchStream, eval_batches, padding_ratio
-from swengine.data.dataset import Prepared, prepare
+from swengine.data.batches import eval_batches, padding_ratio
 from swengine.errors import UserError
 from swengine.model import load as model_load
-from swengine.model.adapter import load_adapter_into, save_adapter
 from swengine.model.build import build_training_model
-from swengine.model.checkpointing import set_checkpointing
-from swengine.model.load import save_extended_config
 from swengine.model.patch import LoraSpec
 from swengine.telemetry import MetricsLogger
 from swengine.train import checkpoint as ckpt
-from swengine.train import phase_eval, phases
+from swengine.train import phases
 from swengine.train.distill import Distiller
 from swengine.train.lock import RunLock, check_output_dir, new_run_id
 from swengine.train.optim import build_optimizer
-from swengine.train.schedule import build_scheduler
 from swengine.train.step import (
     apply_update,
     autocast_context,
@@ -58,10 +54,11 @@ from swengine.train.step import (
     label_tokens,
 )
 from swengine.train.stops import FAILED, HardStop, RunStopped
+from swengine.train.trainer_breaker import BreakerMixin
+from swengine.train.trainer_checkpoints import CheckpointsMixin
+from swengine.train.trainer_phases import PhasesMixin
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "adapter", "tensorboard")  # what --overwrite archives
-# Settings a checkpoint cannot be resumed under when they differ (shapes or meaning of the state).
-RESUME_KEYS = (("lora", "rank"), ("lora", "targets"), ("lora", "alpha"), ("lora", "use_rslora"), ("optim", "name"))
 
 
 def _mb(n: int) -> str:
@@ -119,7 +116,7 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # macOS reports bytes, Linux KiB
 
 
-class Trainer:
+class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
     def __init__(self, cfg: TrainConfig, resume: str | None = None, log=print, overwrite: bool = False,
                  explicit: set[str] | frozenset = frozenset(), plan_for=None):
         """``explicit``: config keys the user wrote; ``plan_for(seq_len) -> PhaseSetup``: the
@@ -196,194 +193,6 @@ class Trainer:
         self.step = 0
         self.best_eval = math.inf
         self.best_path: Path | None = None
-
-    # ------------------------------------------------------------------ phases
-    @property
-    def phase(self) -> phases.Phase:
-        return self.phases[self.phase_index]
-
-    @property
-    def phased(self) -> bool:
-        return bool(self.cfg.context.phases)
-
-    def _enter_phase(self, index: int) -> None:
-        """Data packed at the phase's length, its micro-batch stream, checkpointing setting and (once
-        its steps are known) its LR schedule: warmup, then decay over the phase."""
-        if index == self.phase_index:
-            return
-        self.phase_index = index
-        p = self.phases[index]
-        if self.data.max_seq_len != p.seq_len:
-            self.data = self._prepare(p.seq_len)
-        self.stream = BatchStream(self.data.train, p.micro_batch, self.cfg.seed, self.tokenizer.pad_token_id,
-                                  self.cfg.data.shuffle)
-        if p.checkpointing != self._checkpointing:
-            set_checkpointing(self.model, p.checkpointing)
-            self._checkpointing = p.checkpointing
-        if p.steps:
-            self.scheduler = self._phase_scheduler(p)
-        if self.metrics is not None and self.phased:
-            self.metrics.phase = p.name
-
-    def _prepare(self, seq_len: int) -> Prepared:
-        """The data packed (or truncated) at ``seq_len``: each phase trains at its own length."""
-        data_cfg = dataclasses.replace(self.cfg.data, max_seq_len=seq_len)
-        return prepare(data_cfg, self.tokenizer, *self.data_paths, self.cfg.seed)
-
-    def _phase_scheduler(self, p: phases.Phase):
-        s = self.cfg.schedule
-        return build_scheduler(self.optimizer, s.scheduler, min(s.warmup_steps, p.steps), p.steps, s.min_lr_ratio)
-
-    def _end_phase(self) -> None:
-        """Evaluate at this phase's length and every earlier one, flag a perplexity regression at
-        the previous length, write ``<output_dir>/phases/phase-N`` (adapter, extended config,
-        eval.json) and a step checkpoint kept from pruning; then enter the next phase."""
-        p = self.phase
-        lengths = [q.seq_len for q in self.phases[:self.phase_index + 1]]
-        result = phase_eval.perplexities(self.model, phase_eval.eval_stream(self.data.eval or self.data.train),
-                                         lengths, self.device)
-        previous = self.phases[self.phase_index - 1] if self.phase_index else None
-        regression = None
-        if previous is not None:
-            before = self.phase_evals.get(previous.name, {}).get(str(previous.seq_len))
-            regression = phase_eval.regression(before, result.ppl[previous.seq_len])
-        flagged = regression is not None and regression > self.cfg.context.max_ppl_regression
-        ppl = {str(k): v for k, v in result.ppl.items()}
-        self.phase_evals[p.name] = ppl
-        self.metrics.log("phase_end", step=self.step, seq_len=p.seq_len, ppl=ppl, regression=regression,
-                         flagged=flagged, repeated_eval_data=result.repeated)
-        shown = ", ".join(f"{k}: {'n/a' if v is None else f'{v:.2f}'}" for k, v in ppl.items())
-        self.log(f"{p.name} done at step {self.step} ({p.seq_len} tokens): perplexity {shown}")
-        if self.monitor is not None:
-            self._act(self.monitor.phase_end(p.name, regression, self.step))
-        if flagged:
-            self.log(f"warning: {p.name} made perplexity at {previous.seq_len} tokens {100 * regression:.0f}% worse "
-                     f"than {previous.name} (context.max_ppl_regression={self.cfg.context.max_ppl_regression})")
-        report = {"phase": p.name, "step": self.step, "seq_len": p.seq_len, "ppl": ppl, "regression": regression,
-                  "flagged": flagged, "rope_scaling": self.cfg.context.rope_scaling}
-
-        def write(tmp: Path) -> None:
-            self._save_adapter(tmp)
-            (tmp / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-
-        ckpt.atomic_dir(self.out / "phases" / p.name, write)
-        if self.phase_index + 1 < len(self.phases):
-            self._enter_phase(self.phase_index + 1)
-            self.save_checkpoint("phase", completed_phase=p.name)
-
-    # ------------------------------------------------------------------ checkpoints
-    def _save_adapter(self, directory: Path) -> None:
-        if self.handle is not None:
-            save_adapter(self.handle, self.spec, directory, self.model_path)
-        else:
-            self.model.save_pretrained(str(directory))
-        if self.cfg.context.rope_scaling:
-            # the extended base config (rope parameters, max positions): transformers and `swengine
-            # merge` load the base with it, so the adapter gives the logits it was trained with
-            save_extended_config(self.model_config, directory)
-
-    def save_checkpoint(self, kind: str = "periodic", **extra) -> Path:
-        self._saving = True
-        try:
-            return self._save_checkpoint(kind, extra)
-        finally:
-            self._saving = False
-
-    def _save_checkpoint(self, kind: str, extra: dict) -> Path:
-        final = self.out / "checkpoints" / ckpt.checkpoint_name(self.step)
-
-        def write(tmp: Path) -> None:
-            self._save_adapter(tmp)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            if self.scaler is not None:
-                torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
-            torch.save(ckpt.rng_state(), tmp / "rng.pt")
-            (tmp / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-            state = {"step": self.step, "total_steps": self.total_steps, "data": self.stream.state_dict(),
-                     "best_eval": None if math.isinf(self.best_eval) else self.best_eval,
-                     "best_path": str(self.best_path) if self.best_path else None, "kind": kind,
-                     "lineage": self.lineage, "run_id": self.run_id, "phase_index": self.phase_index,
-                     "phase_evals": self.phase_evals, "tripped": self._tripped,
-                     "breaker": self.breaker.state_dict() if self.monitor is not None else None, **extra}
-            if self.phased:
-                state["phase"] = self.phase.name
-            (tmp / ckpt.STATE_NAME).write_text(json.dumps(state, indent=2))
-
-        path = ckpt.atomic_dir(final, write, manifest=True)
-        self._last_ckpt, self._last_ckpt_step = path, self.step
-        self._tripped = False
-        keep = {self.best_path} if (self.best_path and self.cfg.checkpointing.keep_best) else set()
-        keep.add(path)
-        keep |= {c for c in ckpt.list_checkpoints(self.out) if ckpt.read_state(c).get("kind") == "phase"}
-        ckpt.prune(self.out, self.cfg.checkpointing.keep_last, keep, lineage=self.lineage)
-        self.metrics.log("checkpoint", step=self.step, path=str(path), kind=kind)
-        self.metrics.sync()
-        return path
-
-    def _check_compatible(self, path: Path) -> None:
-        try:
-            theirs = yaml.safe_load((path / "config.yaml").read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            return
-        ours = self.cfg.to_dict()
-        for section, key in RESUME_KEYS:
-            a, b = (theirs.get(section) or {}).get(key), ours[section][key]
-            if a is not None and a != b:
-                raise UserError(f"checkpoint {path} was written with {section}.{key}={a}, this run has "
-                                f"{section}.{key}={b}; resume with {section}.{key}={a}, or start over with "
-                                "--overwrite (the old run is archived)")
-
-    def load_checkpoint(self, path: Path) -> None:
-        self._check_compatible(path)
-        try:
-            self._load_checkpoint(path)
-        except (UserError, HardStop):
-            raise
-        except Exception as exc:
-            detail = " ".join(str(exc).split())[:300]
-            raise UserError(f"cannot load checkpoint {path}: {type(exc).__name__}: {detail}") from None
-
-    def _load_checkpoint(self, path: Path, rollback: bool = False) -> None:
-        state = ckpt.read_state(path)
-        if self.handle is not None:
-            load_adapter_into(self.handle, path)
-        else:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(self.model, load_file(str(path / "adapter_model.safetensors")))
-        # the phase first: a new schedule sets the optimizer's lr, which the loaded state then replaces
-        self._enter_phase(int(state.get("phase_index", 0)))
-        self.phase_evals = state.get("phase_evals") or {}
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        if self.scaler is not None and (path / "scaler.pt").is_file():
-            self.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
-        ckpt.set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-        self.stream.load_state_dict(state["data"])
-        self.step = int(state["step"])
-        self.best_eval = state["best_eval"] if state["best_eval"] is not None else math.inf
-        self.best_path = Path(state["best_path"]) if state.get("best_path") else None
-        self.lineage = state.get("lineage") or self.lineage
-        self._last_ckpt, self._last_ckpt_step = path, self.step
-        if not rollback and self.monitor is not None and state.get("breaker"):
-            self.breaker.load_state_dict(state["breaker"])
-
-    def _resume_path(self) -> Path | None:
-        if not self.resume:
-            return None
-        if self.resume == "auto":
-            return ckpt.newest_valid(self.out, self.log)
-        p = Path(self.resume)
-        if not (p / ckpt.STATE_NAME).is_file():
-            raise UserError(f"--resume {self.resume}: not a checkpoint directory (no {ckpt.STATE_NAME})")
-        try:
-            ckpt.verify(p)
-        except ckpt.CheckpointError as exc:
-            raise UserError(f"--resume {self.resume}: checkpoint fails verification: {exc}; use --resume auto "
-                            "to take the newest valid one") from None
-        return p
 
     # ------------------------------------------------------------------ the output directory
     def _claim_output_dir(self) -> None:
@@ -542,28 +351,6 @@ class Trainer:
         finally:
             self.lock.release()
 
-    def _oom_hint(self) -> str:
-        """What fits instead: the planner's setup for this GPU at this length (best effort: the
-        failure path must not fail), else the general advice."""
-        general = ("lower schedule.micro_batch_size or data.max_seq_len, turn on checkpointing.gradient_checkpointing, "
-                   "or let the planner choose (--auto)")
-        if self.device.type != "cuda":
-            return general
-        try:
-            from swengine.planner.cli import make_plan
-
-            torch.cuda.empty_cache()
-            plan = make_plan(self.model_path, vram_gib=self.vram_total / 2**30, seq_len=self.phase.seq_len,
-                             batch=self.phase.micro_batch * self.phase.grad_accumulation, rank=self.spec.rank)
-            s = plan.setup
-            if not plan.fits:
-                return f"{general} (the planner finds nothing that fits this GPU at {self.phase.seq_len} tokens)"
-            return (f"the planner's setup for this GPU: micro-batch {s.micro_batch} × schedule.grad_accumulation "
-                    f"{plan.grad_accumulation}, checkpointing {'on' if s.checkpointing else 'off'}, base "
-                    f"{'bf16' if s.quant == 'none' else s.quant} (swengine train ... --auto applies it)")
-        except Exception:  # noqa: BLE001  (only advice)
-            return general
-
     def _write_failed_words(self, exc: ckpt.WriteFailed) -> str:
         if exc.no_space:
             return (f"error: no space left on {_filesystem(exc.final)}: freed {_mb(exc.freed)} of partial output; "
@@ -700,58 +487,6 @@ class Trainer:
             self.best_eval = loss
             self.best_path = self.save_checkpoint("best")
         return loss
-
-    # ------------------------------------------------------------------ the circuit breaker
-    def _setup_breaker(self) -> None:
-        """safety.* → the breaker, its telemetry/print/alert glue (swengine/safety); None when off."""
-        self.monitor = self.alerts = None
-        self._tripped = False  # a trip more than a warning since the last checkpoint
-        self.vram_total = (torch.cuda.get_device_properties(self.device).total_memory
-                           if self.device.type == "cuda" else None)
-        if not self.cfg.safety.enabled:
-            return
-        from swengine.config import safety_rules
-        from swengine.safety.alerts import AlertRunner
-        from swengine.safety.monitor import Monitor
-        from swengine.safety.rules import Breaker, SafetyRules
-
-        self.breaker = Breaker(safety_rules(self.cfg, SafetyRules))
-        if self.cfg.safety.on_alert:
-            self.alerts = AlertRunner(self.cfg.safety.on_alert, log=self.log)
-        self.monitor = Monitor(self.breaker, self.metrics, self.log, self.alerts)
-
-    def _act(self, decision) -> None:
-        """Carry out a breaker decision: lower the LR, roll back to the last good checkpoint (the
-        data stream moves on: replaying the batches that tripped would trip again), or stop."""
-        if decision is None or decision.action in (None, "warn", "skip"):
-            return
-        from swengine.safety.actions import scale_lr
-
-        self._tripped = True
-        if decision.action == "lower_lr":
-            scale_lr(self.optimizer, self.scheduler, self.breaker.rules.rollback_lr_factor)
-            return
-        target = None
-        if decision.action == "rollback":
-            from swengine.train.rollback import last_good
-
-            target = last_good(self.out, before=decision.since, log=self.log)
-        first = decision.trips[0].message.split(" -> ")[0]  # what tripped, without the action taken
-        if target is None:
-            why = ("no checkpoint from before it to roll back to" if decision.action == "rollback"
-                   else f"safety.on_{decision.trips[0].rule}=stop")
-            self._end("failed", reason="breaker")
-            raise RunStopped(f"error: {first}: stopped ({why}); lower optim.lr or check the data; "
-                             f"{self._last_checkpoint_words()}", FAILED)
-        self._rollbacks += 1
-        stream_state, phase_index = self.stream.state_dict(), self.phase_index
-        self._load_checkpoint(target, rollback=True)
-        if self.phase_index == phase_index:
-            self.stream.load_state_dict(stream_state)
-        factor = self.breaker.after_rollback(self.step, ckpt.read_state(target).get("breaker"))
-        scale_lr(self.optimizer, self.scheduler, factor)
-        self.log(f"breaker: rolled back to {target.name} (step {self.step}), learning rate × {factor:g}; "
-                 "the data stream continues past the batches that tripped")
 
     def _train_step(self) -> tuple[float, int, float | None]:
         """One optimizer step over ``grad_accumulation`` micro-batches, every label token weighted
