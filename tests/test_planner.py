@@ -170,6 +170,7 @@ def test_an_nf4_teacher_is_planned_at_nf4_size():
     assert 4.5 < sizes["nf4-dq"] < 6.0  # linears in NF4, embeddings and head in bf16
 
 
+@pytest.mark.slow  # two CLI processes (~10 s)
 def test_a_hub_model_is_planned_from_its_cached_config_and_offline_without_it_is_one_line(tmp_path):
     """`--model org/name` fetches config.json alone through huggingface_hub's cache; offline, a
     cached config plans and a missing one is a one-line error."""
