@@ -45,9 +45,26 @@ class QuantizationConfig:
 
 
 @dataclass
+class DataSource:
+    """One source of a data.mix: its own path, sampling weight and format settings."""
+    path: str = ""  # as data.train: a file, a directory, a save_to_disk folder or a Hub id org/name
+    weight: float = 1.0  # share of the training examples drawn from this source (weights are normalised)
+    format: Literal["auto", "text", "alpaca", "prompt_completion", "messages", "sharegpt"] = "auto"
+    text_field: str = "text"
+    subset: str = ""
+    split: str = "train"
+
+
+@dataclass
 class DataConfig:
-    train: str = ""  # jsonl/json/parquet/txt; "" = the embedded demo dataset
+    # a .jsonl/.json/.parquet/.txt file, a directory of them, a datasets.save_to_disk folder, a
+    # Hub-layout folder or a Hub dataset id org/name; "" = the embedded demo dataset
+    train: str = ""
     eval: str = ""  # "" = split eval_fraction off the training data
+    subset: str = ""  # a Hub dataset's configuration (name); "" = its default
+    split: str = "train"  # the split of a Hub dataset or of a save_to_disk DatasetDict (data.train and data.eval)
+    # several training sources sampled by weight (instead of data.train), reproducibly by seed
+    mix: list[DataSource] = field(default_factory=list)
     format: Literal["auto", "text", "alpaca", "prompt_completion", "messages", "sharegpt"] = "auto"
     text_field: str = "text"
     max_seq_len: int = 512
@@ -65,6 +82,10 @@ class DataConfig:
     # records that do not fit their format (missing or mistyped fields) left out, counted and reported;
     # one more than this is an error naming the first (0: every malformed record is an error)
     max_bad_rows: int = 0
+    # tokenised data is cached here (keyed by data, tokenizer and settings); "" = $SWENGINE_CACHE/tokenized
+    # or ~/.cache/swengine/tokenized
+    cache_dir: str = ""
+    num_proc: int = 1  # processes tokenising on a cache miss
 
 
 @dataclass
@@ -245,6 +266,8 @@ def _coerce(value, tp, key: str):
             raise UserError(f"{key} must be a list (got {value!r})")
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{key}.")
     if origin is dict:
         if isinstance(value, str):
             try:

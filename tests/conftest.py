@@ -4,11 +4,17 @@ TRITON_INTERPRET must be set before any @triton.jit function is defined, i.e. be
 is imported, so it happens here, at conftest import.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+# tokenised data is cached (data.cache_dir's default): in a folder of this session's, never ~/.cache
+os.environ["SWENGINE_CACHE"] = tempfile.mkdtemp(prefix="swengine-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SWENGINE_CACHE"], True)
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

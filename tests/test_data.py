@@ -310,7 +310,7 @@ def test_max_bad_rows_leaves_out_at_most_that_many_malformed_records(tmp_path, t
     cfg = DataConfig(max_seq_len=64, eval_fraction=0.0, packing=False)
     with pytest.raises(UserError, match=r"record 1 has no 'completion' field at .*mixed.jsonl:2"):
         prepare(cfg, tok, str(path), "", 0)  # the default allows none
-    with pytest.raises(UserError, match=r"mixed.jsonl:2.*\(2 malformed so far, data.max_bad_rows=1\)"):
+    with pytest.raises(UserError, match=r"mixed.jsonl:2.*\(2 malformed, data.max_bad_rows=1\)"):
         prepare(DataConfig(max_seq_len=64, eval_fraction=0.0, max_bad_rows=1), tok, str(path), "", 0)
     data = prepare(DataConfig(max_seq_len=64, eval_fraction=0.0, packing=False, max_bad_rows=2), tok, str(path), "", 0)
     assert len(data.train) == 3 and data.malformed == 2

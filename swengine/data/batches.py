@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from swengine.data.formats import IGNORE, Example
@@ -26,67 +27,41 @@ class Row:
         return len(self.input_ids) if self.real is None else self.real
 
 
-def truncate(ex: Example, seq_len: int) -> Example:
-    return Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
+def _rows(examples: list[Example], plan, seq_len: int, pad_id: int | None) -> list[Row]:
+    from swengine.data.rows import LazyRows, ListStore
+
+    order, offsets = plan
+    return list(LazyRows([ListStore(examples)], np.zeros(len(order), dtype=np.int64), order, offsets, seq_len, pad_id))
 
 
 def pack(examples: list[Example], seq_len: int, pad_id: int) -> list[Row]:
-    rows, ids, labels, pos = [], [], [], []
+    """Documents in order into rows of ``seq_len``, a new row when the next one does not fit."""
+    from swengine.data.rows import ListStore, greedy_plan
 
-    def flush():
-        if ids:
-            fill = seq_len - len(ids)
-            rows.append(Row(ids + [pad_id] * fill, labels + [IGNORE] * fill, pos + list(range(fill)), len(ids)))
-
-    for ex in examples:
-        ex = truncate(ex, seq_len)
-        if len(ids) + len(ex.input_ids) > seq_len:
-            flush()
-            ids, labels, pos = [], [], []
-        ids += ex.input_ids
-        labels += [IGNORE] + ex.labels[1:]
-        pos += list(range(len(ex.input_ids)))
-    flush()
-    return rows
+    return _rows(examples, greedy_plan(ListStore(examples).lengths, seq_len), seq_len, pad_id)
 
 
 def pack_best_fit(examples: list[Example], seq_len: int, pad_id: int) -> list[Row]:
     """Best-fit decreasing: longest documents first, each into the fullest row it still fits
     (fewer rows, less padding than packing in order). Positions restart per document, as in
     :func:`pack`; rows keep the order they were opened in."""
-    import bisect
+    from swengine.data.rows import ListStore, best_fit_plan
 
-    docs = sorted((truncate(ex, seq_len) for ex in examples), key=lambda e: len(e.input_ids), reverse=True)
-    bins: list[list[Example]] = []
-    free: list[tuple[int, int]] = []  # (space left, bin index), sorted: bisect finds the tightest fit
-    for ex in docs:
-        n = len(ex.input_ids)
-        i = bisect.bisect_left(free, (n, -1))
-        if i < len(free):
-            space, b = free.pop(i)
-        else:
-            space, b = seq_len, len(bins)
-            bins.append([])
-        bins[b].append(ex)
-        bisect.insort(free, (space - n, b))
-    rows = []
-    for docs_in_row in bins:
-        rows += pack(docs_in_row, seq_len, pad_id)  # they fit one row by construction
-    return rows
+    return _rows(examples, best_fit_plan(ListStore(examples).lengths, seq_len), seq_len, pad_id)
 
 
 def padding_ratio(rows: list[Row]) -> float:
     """Share of row positions that are padding or packing fill (0 = every position is data)."""
+    if hasattr(rows, "padding_ratio"):  # LazyRows: from the plan's lengths, without building a row
+        return rows.padding_ratio()
     total = sum(len(r.input_ids) for r in rows)
     return 1.0 - sum(r.real_tokens for r in rows) / total if total else 0.0
 
 
 def unpacked(examples: list[Example], seq_len: int) -> list[Row]:
-    rows = []
-    for ex in examples:
-        ex = truncate(ex, seq_len)
-        rows.append(Row(ex.input_ids, ex.labels, list(range(len(ex.input_ids)))))
-    return rows
+    from swengine.data.rows import single_plan
+
+    return _rows(examples, single_plan(len(examples)), seq_len, None)
 
 
 def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:

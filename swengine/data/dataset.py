@@ -9,19 +9,25 @@ dropped records are counted (``Prepared.truncated`` / ``Prepared.dropped``) and
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from swengine.config import DataConfig
-from swengine.data.batches import Row, pack, pack_best_fit, unpacked
-from swengine.data.formats import IGNORE, Example, check_fields, detect_format, to_example, with_chat_template
-from swengine.data.records import read_records_located
+from swengine.data.batches import Row
+from swengine.data.cache import Tokenised, tokenised
+from swengine.data.formats import with_chat_template
+from swengine.data.mix import interleave
+from swengine.data.rows import LazyRows, best_fit_plan, greedy_plan, single_plan
+from swengine.data.sources import SourceSpec, open_source
 from swengine.errors import UserError
 
 
 @dataclass
 class Prepared:
-    train: list[Row]
-    eval: list[Row]
+    train: Sequence[Row]  # built on demand from the memory-mapped tokenised examples (LazyRows)
+    eval: Sequence[Row]
     format: str
     train_examples: int
     trained_tokens: int
@@ -33,6 +39,14 @@ class Prepared:
     max_seq_len: int = 0
     truncate_mode: str = "truncate"
     malformed: int = 0  # records left out for not fitting their format (data.max_bad_rows allows them)
+    cache: str = ""  # how the tokens were had: "tokenised: cache hit" or "tokenised N records in S s (cached)"
+    mix: list[tuple[str, int]] = field(default_factory=list)  # data.mix: (source, training examples drawn)
+
+    @property
+    def mix_summary(self) -> str:
+        """"" without data.mix; else e.g. "mix a.jsonl 700 (70.0%), b.jsonl 300 (30.0%)"."""
+        total = sum(n for _, n in self.mix) or 1
+        return ("mix " + ", ".join(f"{name} {n:,} ({100 * n / total:.1f}%)" for name, n in self.mix)) if self.mix else ""
 
     @property
     def length_summary(self) -> str:
@@ -53,77 +67,137 @@ class Prepared:
                 f"{self.truncate_mode}){malformed}")
 
 
-def _examples(records: list[dict], where: list[str], fmt: str, tokenizer, cfg: DataConfig,
-              what: str) -> tuple[list[Example], int]:
-    """Examples with something to learn inside the length limit, and how many records were over it
-    (truncated later by pack/unpacked, or dropped here, per ``cfg.truncate``)."""
-    out, over, dropped = [], [], 0
-    for record, at in zip(records, where, strict=True):
-        try:
-            e = to_example(record, fmt, tokenizer, train_on_prompt=cfg.train_on_prompt, text_field=cfg.text_field)
-        except UserError as exc:
-            raise UserError(f"{at}: {exc}") from None
-        long = len(e.input_ids) > cfg.max_seq_len
-        if long:
-            over.append((at, len(e.input_ids)))
-            if cfg.truncate == "drop":
-                dropped += 1
-                continue
-        if any(label != IGNORE for label in e.labels[:cfg.max_seq_len]):
-            out.append(e)
-        elif long:
-            dropped += 1  # truncation left nothing to learn (the prompt alone fills max_seq_len)
-    if over and cfg.truncate == "error":
-        first, n = over[0]
-        raise UserError(f"{len(over)} of {len(records)} {what} records are longer than data.max_seq_len="
-                        f"{cfg.max_seq_len} tokens (first: {first}, {n} tokens); raise data.max_seq_len or set "
-                        "data.truncate=truncate (keep the first tokens) or data.truncate=drop")
-    return out, len(over) - dropped, dropped
+@dataclass
+class Picked:
+    """Examples of one source kept for training or evaluation: indices into its store."""
+
+    source: Tokenised
+    idx: np.ndarray
+    truncated: int = 0
+    dropped: int = 0
 
 
-def _without(records: list[dict], where: list[str], drop: list[int]) -> tuple[list[dict], list[str]]:
-    if not drop:
-        return records, where
-    gone = set(drop)
-    keep = [i for i in range(len(records)) if i not in gone]
-    return [records[i] for i in keep], [where[i] for i in keep]
+def _fit(t: Tokenised, idx: np.ndarray, cfg: DataConfig, what: str) -> Picked:
+    """The examples with something to learn inside ``cfg.max_seq_len``; longer ones truncated
+    (later, when rows are built) or dropped per ``cfg.truncate``, and counted."""
+    store, limit = t.store, cfg.max_seq_len
+    long = store.lengths[idx] > limit
+    first = store.first_label[idx]
+    learns = (first >= 0) & (first < limit)
+    if cfg.truncate == "error" and long.any():
+        k = int(idx[np.argmax(long)])
+        raise UserError(f"{int(long.sum())} of {len(idx)} {what} records are longer than data.max_seq_len={limit} "
+                        f"tokens (first: {store.where(k)}, {int(store.lengths[k])} tokens); raise data.max_seq_len or "
+                        "set data.truncate=truncate (keep the first tokens) or data.truncate=drop")
+    if cfg.truncate == "drop":
+        keep, dropped = ~long & learns, int(long.sum())
+    else:  # truncation may leave nothing to learn (the prompt alone fills max_seq_len): dropped too
+        keep, dropped = learns, int((long & ~learns).sum())
+    return Picked(t, idx[keep], int(long.sum()) - dropped, dropped)
 
 
-def prepare(cfg: DataConfig, tokenizer, train_path: str, eval_path: str, seed: int) -> Prepared:
+def _split(t: Tokenised, cfg: DataConfig, seed: int, has_eval: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(training, evaluation) example indices: data.eval_fraction of them held out, chosen by seed,
+    unless there is a data.eval."""
+    n = len(t.store)
+    if has_eval or cfg.eval_fraction <= 0 or n < 2:
+        return np.arange(n, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(n * cfg.eval_fraction))
+    return np.asarray(order[n_eval:], dtype=np.int64), np.asarray(order[:n_eval], dtype=np.int64)
+
+
+def _no_training_rows(picked: list[Picked], cfg: DataConfig) -> UserError:
+    names = ", ".join(p.source.name for p in picked)
+    dropped = sum(p.dropped for p in picked)
+    if dropped and cfg.truncate == "drop":
+        return UserError(f"{names}: all {dropped} usable records are longer than data.max_seq_len={cfg.max_seq_len} "
+                         "tokens and data.truncate=drop left none; raise data.max_seq_len or set data.truncate=truncate")
+    return UserError(f"{names}: no record has a token to train on within data.max_seq_len={cfg.max_seq_len}")
+
+
+def _rows(stores: list, src: np.ndarray, idx: np.ndarray, cfg: DataConfig, pad: int | None, plan: str) -> LazyRows:
+    lengths = np.zeros(len(idx), dtype=np.int64)
+    for s, store in enumerate(stores):
+        lengths[src == s] = store.lengths[idx[src == s]]
+    if plan == "single":
+        order, offsets = single_plan(len(idx))
+    else:
+        order, offsets = (best_fit_plan if plan == "best_fit" else greedy_plan)(lengths, cfg.max_seq_len)
+    return LazyRows(stores, src[order], idx[order], offsets, cfg.max_seq_len, pad)
+
+
+def _cache_summary(parts: list[Tokenised]) -> str:
+    if all(t.hit for t in parts):
+        return "tokenised: cache hit"
+    built = [t for t in parts if not t.hit]
+    records = sum(len(t.store) + t.malformed for t in built)
+    return (f"tokenised {records:,} records in {sum(t.seconds for t in built):.1f} s (cached"
+            f"{'; the rest: cache hit' if len(built) < len(parts) else ''})")
+
+
+def prepare(cfg: DataConfig, tokenizer, train_path: str, eval_path: str, seed: int, *,
+            progress: bool = False) -> Prepared:
+    """Training and evaluation rows for ``cfg`` (``train_path``: data.train or the demo's; unused
+    with data.mix). ``progress``: a progress bar on stderr while tokenising."""
     if cfg.chat_template:
         tokenizer = with_chat_template(tokenizer, cfg.chat_template)
-    records, where = read_records_located(train_path)
-    fmt = detect_format(records[0], cfg.format, cfg.text_field)
-    skipped = check_fields(records, fmt, train_path, cfg.text_field, where, cfg.max_bad_rows)
-    records, where = _without(records, where, skipped)
-    eval_records = eval_where = None
+    budget = [cfg.max_bad_rows]  # malformed records allowed across every source
+
+    def load(spec: SourceSpec) -> Tokenised:
+        t = tokenised(open_source(spec), tokenizer, requested_format=spec.format, train_on_prompt=cfg.train_on_prompt,
+                      cache_dir=cfg.cache_dir, num_proc=max(1, cfg.num_proc), progress=progress, max_bad=budget[0])
+        budget[0] -= t.malformed
+        return t
+
+    if cfg.mix:
+        if cfg.train:
+            raise UserError("data.train and data.mix are both set; use data.mix alone (one item per source)")
+        bad = [i for i, m in enumerate(cfg.mix) if not m.path or m.weight <= 0]
+        if bad:
+            raise UserError(f"data.mix[{bad[0]}] needs a path and a weight > 0, e.g. "
+                            "data.mix='[{\"path\": \"a.jsonl\", \"weight\": 0.7}, {\"path\": \"b.jsonl\", \"weight\": 0.3}]'")
+        specs = [SourceSpec(m.path, m.format, m.text_field, m.subset, m.split) for m in cfg.mix]
+    else:
+        specs = [SourceSpec(train_path, cfg.format, cfg.text_field, cfg.subset, cfg.split)]
+    parts = [load(s) for s in specs]
+    splits = [_split(t, cfg, seed + k, bool(eval_path)) for k, t in enumerate(parts)]
+    train = [_fit(t, tr, cfg, "training") for t, (tr, _) in zip(parts, splits, strict=True)]
+    if cfg.mix:
+        empty = [p.source.name for p in train if not len(p.idx)]
+        if empty:
+            raise _no_training_rows([p for p in train if not len(p.idx)], cfg)
+    elif not len(train[0].idx):
+        raise _no_training_rows(train, cfg)
+    for k, p in enumerate(train):
+        if cfg.shuffle:
+            order = list(p.idx)
+            random.Random(seed + k).shuffle(order)
+            p.idx = np.asarray(order, dtype=np.int64)
+    if cfg.mix:
+        src, idx = interleave([p.idx for p in train], [m.weight for m in cfg.mix], seed)
+    else:
+        src, idx = np.zeros(len(train[0].idx), dtype=np.int64), train[0].idx
     if eval_path:
-        eval_records, eval_where = read_records_located(eval_path)
-        eval_skipped = check_fields(eval_records, fmt, eval_path, cfg.text_field, eval_where,
-                                    cfg.max_bad_rows - len(skipped))
-        eval_records, eval_where = _without(eval_records, eval_where, eval_skipped)
-        skipped += eval_skipped
-    elif cfg.eval_fraction > 0 and len(records) > 1:
-        order = list(range(len(records)))
-        random.Random(seed).shuffle(order)
-        n_eval = max(1, int(len(records) * cfg.eval_fraction))
-        eval_records, eval_where = [records[i] for i in order[:n_eval]], [where[i] for i in order[:n_eval]]
-        records, where = [records[i] for i in order[n_eval:]], [where[i] for i in order[n_eval:]]
-    train, truncated, dropped = _examples(records, where, fmt, tokenizer, cfg, "training")
-    if not train:
-        if dropped and cfg.truncate == "drop":
-            raise UserError(f"{train_path}: all {dropped} usable records are longer than data.max_seq_len="
-                            f"{cfg.max_seq_len} tokens and data.truncate=drop left none; raise data.max_seq_len "
-                            "or set data.truncate=truncate")
-        raise UserError(f"{train_path}: no record has a token to train on within data.max_seq_len={cfg.max_seq_len}")
-    if cfg.shuffle:
-        random.Random(seed).shuffle(train)
-    evals, eval_cut, eval_dropped = (_examples(eval_records, eval_where, fmt, tokenizer, cfg, "eval")
-                                     if eval_records else ([], 0, 0))
+        eval_fmt = cfg.format if cfg.mix else parts[0].format
+        extra = load(SourceSpec(eval_path, eval_fmt, cfg.text_field, cfg.subset, cfg.split))
+        evals = [_fit(extra, np.arange(len(extra.store), dtype=np.int64), cfg, "eval")]
+        eval_stores = [extra.store]
+    else:
+        evals = [_fit(t, ev, cfg, "eval") for t, (_, ev) in zip(parts, splits, strict=True)]
+        eval_stores = [t.store for t in parts]
+        extra = None
+    stores = [t.store for t in parts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    packer = pack_best_fit if cfg.packing_strategy == "best_fit" else pack
-    train_rows = packer(train, cfg.max_seq_len, pad) if cfg.packing else unpacked(train, cfg.max_seq_len)
-    eval_rows = unpacked(evals, cfg.max_seq_len)
-    return Prepared(train_rows, eval_rows, fmt, len(train), sum(e.trained_tokens for e in train),
-                    truncated=truncated, dropped=dropped, eval_truncated=eval_cut + eval_dropped,
-                    max_seq_len=cfg.max_seq_len, truncate_mode=cfg.truncate, malformed=len(skipped))
+    plan = ("best_fit" if cfg.packing_strategy == "best_fit" else "greedy") if cfg.packing else "single"
+    train_rows = _rows(stores, src, idx, cfg, pad if cfg.packing else None, plan)
+    eval_src = np.concatenate([np.full(len(p.idx), s, dtype=np.int64) for s, p in enumerate(evals)])
+    eval_rows = _rows(eval_stores, eval_src, np.concatenate([p.idx for p in evals]), cfg, None, "single")
+    trained = sum(int(store.trained[idx[src == s]].sum()) for s, store in enumerate(stores))
+    mix = [(p.source.name, int((src == s).sum())) for s, p in enumerate(train)] if cfg.mix else []
+    return Prepared(train_rows, eval_rows, "+".join(dict.fromkeys(t.format for t in parts)), len(idx), trained,
+                    truncated=sum(p.truncated for p in train), dropped=sum(p.dropped for p in train),
+                    eval_truncated=sum(p.truncated + p.dropped for p in evals), max_seq_len=cfg.max_seq_len,
+                    truncate_mode=cfg.truncate, malformed=cfg.max_bad_rows - budget[0],
+                    cache=_cache_summary(parts + ([extra] if extra else [])), mix=mix)

@@ -145,6 +145,8 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
     # ------------------------------------------------------------------ setup
     def _data_paths(self) -> tuple[str, str, bool]:
         d = self.cfg.data
+        if d.mix:  # the sources are data.mix's (prepare refuses data.train beside it)
+            return d.train, d.eval, False
         if not d.train:
             if self.cfg.model.path:
                 raise UserError("data.train is empty; set data.train=<file> (the demo dataset goes with the demo model)")
@@ -380,14 +382,16 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
                          data_format=self.data.format, resumed_from=str(resume_from) if resume_from else None,
                          lineage=self.lineage, pid=os.getpid(), truncated_records=self.data.truncated,
                          dropped_records=self.data.dropped, malformed_records=self.data.malformed,
-                         padding_ratio=padding_ratio(self.data.train),
+                         padding_ratio=padding_ratio(self.data.train), data_cache=self.data.cache,
+                         data_mix=dict(self.data.mix),
                          config=self.cfg.to_dict())
         if self.distiller is not None:
             self.log(self.distiller.describe())
         if self.phased:
             self.log(f"context extension to {self.phases[-1].seq_len} tokens with rope_scaling "
                      f"{self.cfg.context.rope_scaling or '(the model config)'}: {phases.describe(self.phases)}")
-        lengths = f"; {self.data.length_summary}" if self.data.length_summary else ""
+        lengths = "".join(f"; {part}" for part in (self.data.length_summary, self.data.mix_summary, self.data.cache)
+                          if part)
         self.log(f"{self.model_path}: {n_params:,} trainable LoRA parameters (rank {self.spec.rank}), "
                  f"{len(self.data.train)} training rows ({self.data.format}, {100 * padding_ratio(self.data.train):.1f}% "
                  f"padding{lengths}), {self.total_steps} steps on "

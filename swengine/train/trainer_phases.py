@@ -47,7 +47,7 @@ class PhasesMixin:
     def _prepare(self, seq_len: int) -> Prepared:
         """The data packed (or truncated) at ``seq_len``: each phase trains at its own length."""
         data_cfg = dataclasses.replace(self.cfg.data, max_seq_len=seq_len)
-        return prepare(data_cfg, self.tokenizer, *self.data_paths, self.cfg.seed)
+        return prepare(data_cfg, self.tokenizer, *self.data_paths, self.cfg.seed, progress=self.cfg.logging.progress)
 
     def _phase_scheduler(self, p: phases.Phase):
         s = self.cfg.schedule

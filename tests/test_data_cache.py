@@ -1,0 +1,168 @@
+"""Tokenisation once, cached on disk: a second prepare is a cache hit with the same rows; the key
+follows the data, the tokenizer and the settings; a damaged entry is rebuilt, an unfinished one
+never trusted; num_proc gives the same tokens; rows are built lazily from memory-mapped arrow.
+Slow: 200k records cold vs warm, and the warm run's memory, in a subprocess."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from swengine.config import DataConfig
+from swengine.data import cache as cache_mod
+from swengine.data.batches import pack, unpacked
+from swengine.data.dataset import prepare
+from swengine.data.formats import detect_format, to_example
+from swengine.data.records import read_records
+from swengine.data.rows import LazyRows
+from swengine.model.load import DEMO_MODEL, DEMO_TRAIN, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(str(DEMO_MODEL))
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(DEMO_TRAIN.read_text().splitlines()[:40]) + "\n")
+    return path
+
+
+def cfg(tmp_path, **kw) -> DataConfig:
+    return DataConfig(**{"max_seq_len": 64, "eval_fraction": 0.0, "shuffle": False, "cache_dir": str(tmp_path / "c"),
+                         **kw})
+
+
+def entries(tmp_path) -> list[Path]:
+    return sorted(p for p in (tmp_path / "c").iterdir() if not p.name.startswith("."))
+
+
+def rows_of(prep):
+    return [(r.input_ids, r.labels, r.position_ids, r.real_tokens) for r in prep.train]
+
+
+def test_the_second_prepare_is_a_cache_hit_with_the_same_rows(tmp_path, data, tok):
+    cold = prepare(cfg(tmp_path), tok, str(data), "", 0)
+    assert cold.cache.startswith("tokenised 40 records in") and isinstance(cold.train, LazyRows)
+    warm = prepare(cfg(tmp_path), tok, str(data), "", 0)
+    assert warm.cache == "tokenised: cache hit"
+    assert rows_of(warm) == rows_of(cold) and len(entries(tmp_path)) == 1
+    # the lazy rows are the rows packing the examples in memory gives
+    records = read_records(str(data))
+    examples = [to_example(r, detect_format(records[0]), tok) for r in records]
+    expected = pack(examples, 64, tok.pad_token_id)
+    assert rows_of(warm) == [(r.input_ids, r.labels, r.position_ids, r.real_tokens) for r in expected]
+    another_length = prepare(cfg(tmp_path, max_seq_len=32, packing=False), tok, str(data), "", 0)
+    assert another_length.cache == "tokenised: cache hit"  # the cache holds whole examples: any length reuses it
+    assert rows_of(another_length) == [(r.input_ids, r.labels, r.position_ids, r.real_tokens)
+                                       for r in unpacked(examples, 32)]
+
+
+def test_the_key_follows_data_tokenizer_and_settings(tmp_path, data, tok):
+    prepare(cfg(tmp_path), tok, str(data), "", 0)
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[:-2] + [lines[-1], lines[-2]]) + "\n")  # same size, new content
+    assert not prepare(cfg(tmp_path), tok, str(data), "", 0).cache.endswith("hit")
+    assert not prepare(cfg(tmp_path, train_on_prompt=True), tok, str(data), "", 0).cache.endswith("hit")
+    assert not prepare(cfg(tmp_path, chat_template="chatml"), tok, str(data), "", 0).cache.endswith("hit")
+    assert len(entries(tmp_path)) == 4
+    assert prepare(cfg(tmp_path, train_on_prompt=True), tok, str(data), "", 0).cache.endswith("hit")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "meta", "missing"])
+def test_a_damaged_entry_is_rebuilt_and_an_unfinished_one_never_trusted(tmp_path, data, tok, damage):
+    first = rows_of(prepare(cfg(tmp_path), tok, str(data), "", 0))
+    (entry,) = entries(tmp_path)
+    if damage == "truncate":
+        blob = (entry / "tokens.arrow").read_bytes()
+        (entry / "tokens.arrow").write_bytes(blob[:len(blob) // 2])
+    elif damage == "meta":
+        (entry / "meta.json").write_text("{")
+    else:
+        (entry / "meta.json").unlink()  # as a run killed before it wrote meta.json would leave it
+    again = prepare(cfg(tmp_path), tok, str(data), "", 0)
+    assert not again.cache.endswith("hit") and rows_of(again) == first
+    assert prepare(cfg(tmp_path), tok, str(data), "", 0).cache.endswith("hit")
+
+
+def test_a_killed_build_leaves_no_entry(tmp_path, data, tok, monkeypatch):
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_mod, "_batch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg(tmp_path), tok, str(data), "", 0)
+    assert not list((tmp_path / "c").iterdir())  # neither an entry nor a temporary folder
+
+
+def test_num_proc_gives_the_same_tokens_and_the_progress_bar_is_on_stderr(tmp_path, data, tok, monkeypatch, capsys):
+    monkeypatch.setattr(cache_mod, "CHUNK", 7)  # several chunks for two processes
+    one = rows_of(prepare(cfg(tmp_path / "one"), tok, str(data), "", 0))
+    capsys.readouterr()
+    two = prepare(cfg(tmp_path / "two", num_proc=2), tok, str(data), "", 0, progress=True)
+    out, err = capsys.readouterr()
+    assert rows_of(two) == one
+    assert "tokenising" in err and not out
+
+
+def test_eval_split_and_shuffle_follow_the_seed_from_the_cache(tmp_path, data, tok):
+    a = prepare(cfg(tmp_path, eval_fraction=0.25, shuffle=True), tok, str(data), "", 1)
+    b = prepare(cfg(tmp_path, eval_fraction=0.25, shuffle=True), tok, str(data), "", 1)
+    c = prepare(cfg(tmp_path, eval_fraction=0.25, shuffle=True), tok, str(data), "", 2)
+    assert b.cache.endswith("hit") and rows_of(a) == rows_of(b) and rows_of(a) != rows_of(c)
+    assert len(a.eval) == 10 and a.train_examples == 30
+
+
+BIG = 200_000
+
+
+def write_big(path: Path, n: int = BIG) -> Path:
+    words = "the cat dog sees red fox a b".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"text": " ".join(words[(i + k) % len(words)] for k in range(3 + i % 9))}) + "\n")
+    return path
+
+
+WARM_RUN = textwrap.dedent("""
+    import json, resource, sys, time
+    from swengine.config import DataConfig
+    from swengine.data.dataset import prepare
+    from swengine.model.load import DEMO_MODEL, load_tokenizer
+    tok = load_tokenizer(str(DEMO_MODEL))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    prep = prepare(DataConfig(max_seq_len=256, cache_dir=sys.argv[2]), tok, sys.argv[1], "", 0)
+    seconds = time.perf_counter() - t
+    rows = len(prep.train)
+    for i in range(0, rows, max(1, rows // 50)):
+        prep.train[i]
+    print(json.dumps({"cache": prep.cache, "seconds": seconds, "rows": rows,
+                      "rss_growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+""")
+
+
+@pytest.mark.slow
+def test_200k_records_tokenise_once_and_the_warm_start_is_fast_and_small(tmp_path, tok):
+    path = write_big(tmp_path / "big.jsonl")
+    t = time.perf_counter()
+    cold = prepare(DataConfig(max_seq_len=256, cache_dir=str(tmp_path / "c"), num_proc=2), tok, str(path), "", 0)
+    cold_s = time.perf_counter() - t
+    assert cold.cache.startswith("tokenised 200,000 records")
+    run = subprocess.run([sys.executable, "-c", WARM_RUN, str(path), str(tmp_path / "c")], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    warm = json.loads(run.stdout.strip().splitlines()[-1])
+    assert warm["cache"] == "tokenised: cache hit" and warm["rows"] == len(cold.train)
+    assert warm["seconds"] < 5 and warm["seconds"] < cold_s / 3, (warm, cold_s)
+    # memory stays bounded: the tokens stay memory-mapped (about 10 MiB of int32 here, several
+    # times that as Python lists); the warm start holds per-example plan arrays, not the tokens
+    assert warm["rss_growth_mib"] < 60, warm
