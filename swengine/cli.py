@@ -97,9 +97,15 @@ def plan(
     loss: Literal["fused", "unfused"] = typer.Option("fused", "--loss",
                              help="fused (chunked linear+CE, no full logits) or unfused (transformers' fp32 logits)."),
     max_ctx: bool = typer.Option(False, "--max-context", help="Also report the longest sequence that fits."),
+    prefer: Literal["speed", "memory"] = typer.Option("speed", "--prefer",
+                                                      help="speed: the most tokens/s that fits; memory: the "
+                                                      "smallest peak (at the same LoRA rank)."),
+    alternatives: int = typer.Option(3, "--alternatives", help="How many other setups to list, with why they were "
+                                     "not chosen (0: none)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (specs/plan.schema.json)."),
 ) -> None:
-    """Plan VRAM: memory breakdown, the fastest setup that fits, and a fits / does-not-fit verdict.
+    """Plan VRAM: memory breakdown, the fastest (or smallest) setup that fits, the best alternatives
+    of other kinds with why they lost, and a fits / does-not-fit verdict.
 
     Exit 0: fits; 1: does not fit; 2: bad input (one line). A --seq-len beyond the model's
     max_position_embeddings is planned but warned about: training at that length needs
@@ -111,7 +117,7 @@ def plan(
         raise UserError(f"--teacher-quant {teacher_quant} needs --teacher MODEL")
     result = make_plan(model, gpu=gpu, vram_gib=vram, seq_len=seq_len, batch=batch, rank=rank, qlora=qlora,
                        teacher=teacher, teacher_quant=teacher_quant, lora_impl=lora_impl, loss=loss,
-                       want_max_context=max_ctx)
+                       want_max_context=max_ctx, prefer=prefer, alternatives=alternatives)
     if as_json:
         print_json(to_dict(result))
     else:

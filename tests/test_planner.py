@@ -31,6 +31,24 @@ FAST_MATRIX = [
                            loss="fused")),
     ("gemma-2-2b", Setup(seq_len=1024, micro_batch=1, lora_rank=16, checkpointing=True, lora_impl="swkernels",
                          loss="fused")),
+    # QLoRA on the fused NF4 kernel (fake NF4 weights: packed bytes + bitsandbytes QuantState)
+    ("llama-3.2-1b", Setup(seq_len=2048, micro_batch=1, lora_rank=32, checkpointing=False, quant="nf4-dq",
+                           lora_impl="swkernels", loss="fused")),
+]
+# NF4 plans against the fake measurement over more models, both checkpointing settings, nf4 and nf4-dq
+NF4_MATRIX = [
+    ("llama-3.2-3b", Setup(seq_len=2048, micro_batch=1, lora_rank=32, checkpointing=False, quant="nf4-dq",
+                           optimizer="adamw8bit", lora_impl="swkernels", loss="fused")),
+    ("llama-3.2-3b", Setup(seq_len=2048, micro_batch=2, lora_rank=64, checkpointing=True, quant="nf4-dq",
+                           lora_impl="swkernels", loss="fused")),
+    ("llama-3.1-8b", Setup(seq_len=2048, micro_batch=1, lora_rank=16, checkpointing=True, quant="nf4-dq",
+                           lora_impl="swkernels", loss="fused")),
+    ("mistral-7b", Setup(seq_len=4096, micro_batch=1, lora_rank=16, checkpointing=True, quant="nf4",
+                         lora_impl="swkernels", loss="fused")),
+    ("qwen2.5-1.5b", Setup(seq_len=1024, micro_batch=4, lora_rank=16, checkpointing=False, quant="nf4",
+                           lora_impl="swkernels", loss="fused")),
+    ("gemma-2-2b", Setup(seq_len=1024, micro_batch=1, lora_rank=16, checkpointing=True, quant="nf4-dq",
+                         lora_impl="swkernels", loss="fused")),
 ]
 
 
@@ -61,6 +79,17 @@ def test_analytic_peak_within_5_percent_of_measured(model, setup):
     predicted = estimate(config, setup).peak_allocated
     measured = measure_fake(config, setup).peak_bytes
     assert abs(predicted - measured) / measured < 0.05, (predicted / GiB, measured / GiB)
+
+
+@pytest.mark.slow  # six full-size models in fake mode (~30 s)
+@pytest.mark.parametrize("model,setup", NF4_MATRIX, ids=[f"{m}-{s.quant}-mb{s.micro_batch}" for m, s in NF4_MATRIX])
+def test_nf4_plans_within_5_percent_of_measured(model, setup):
+    config = load_model_config(model)
+    measured = measure_fake(config, setup)
+    assert measured.weights_bytes == static_bytes(inventory(config), setup).base_weights + \
+        static_bytes(inventory(config), setup).lora_params  # the fake NF4 weights hold the exact bytes
+    predicted = estimate(config, setup).peak_allocated
+    assert abs(predicted - measured.peak_bytes) / measured.peak_bytes < 0.05, (predicted / GiB, measured.peak_bytes / GiB)
 
 
 def test_peft_qlora_estimate_matches_a_real_cpu_run():

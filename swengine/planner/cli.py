@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 from swengine.errors import UserError
+from swengine.hardware import GPUProfile
+from swengine.planner import speed as speed_model
 from swengine.planner.search import GiB, Plan, max_context, plan
 from swengine.planner.setup import Setup, Teacher
 
@@ -30,8 +32,9 @@ def seq_len_warnings(config, seq_len: int) -> list[str]:
     return []
 
 
-def resolve_gpu(gpu: str | None, vram_gib: float | None) -> tuple[str, int, float | None]:
-    """(display name, VRAM bytes, peak tensor TFLOP/s or None) from --gpu/--vram or the detected GPU."""
+def resolve_gpu(gpu: str | None, vram_gib: float | None) -> tuple[str, int, GPUProfile | None]:
+    """(display name, VRAM bytes, the GPU's published figures or None) from --gpu/--vram or the
+    detected GPU."""
     from swengine.hardware import GPU_PROFILES, detect_gpus, profile_for, visible_gpus
 
     if vram_gib is not None:
@@ -41,7 +44,7 @@ def resolve_gpu(gpu: str | None, vram_gib: float | None) -> tuple[str, int, floa
         if prof is None:
             raise UserError(f"unknown GPU {gpu!r}; known: {', '.join(GPU_PROFILES)} (or give --vram GIB)")
         vram = int(vram_gib * GiB) if vram_gib is not None else prof.vram_bytes
-        return prof.name, vram, prof.tensor_tflops
+        return prof.name, vram, prof
     if vram_gib is not None:
         return f"a {vram_gib:g} GiB GPU", int(vram_gib * GiB), None
     report = detect_gpus()
@@ -51,13 +54,13 @@ def resolve_gpu(gpu: str | None, vram_gib: float | None) -> tuple[str, int, floa
         raise UserError(f"no GPU found{why}; say which one to plan for with --gpu NAME (e.g. rtx-4090) or --vram GIB")
     g = gpus[0]
     prof = profile_for(g.name, g.vram_total_bytes)
-    return g.name, g.vram_total_bytes, prof.tensor_tflops if prof else None
+    return g.name, g.vram_total_bytes, prof
 
 
 def make_plan(model: str, *, gpu: str | None = None, vram_gib: float | None = None, seq_len: int = 2048,
               batch: int = 16, rank: int | None = None, qlora: bool | None = None, teacher: str | None = None,
               teacher_quant: str = "none", lora_impl: str = "swkernels", loss: str = "fused",
-              want_max_context: bool = False) -> Plan:
+              want_max_context: bool = False, prefer: str = "speed", alternatives: int = 3) -> Plan:
     from swengine.model.config import load_model_config
 
     config = load_model_config(model)
@@ -67,13 +70,20 @@ def make_plan(model: str, *, gpu: str | None = None, vram_gib: float | None = No
         raise UserError(f"--batch must be >= 1 (got {batch})")
     if rank is not None and rank < 1:
         raise UserError(f"--rank must be >= 1 (got {rank})")
+    if alternatives < 0:
+        raise UserError(f"--alternatives must be >= 0 (got {alternatives})")
     if teacher:
         load_model_config(teacher)  # validate early, with the same message
-    name, vram, tflops = resolve_gpu(gpu, vram_gib)
+    name, vram, profile = resolve_gpu(gpu, vram_gib)
     base = Setup(seq_len=seq_len, lora_impl=lora_impl, loss=loss,
                  teacher=Teacher(teacher, teacher_quant) if teacher else None)
     result = plan(config, model, gpu=name, vram_bytes=vram, seq_len=seq_len, effective_batch=batch, rank=rank,
-                  qlora=qlora, base=base, peak_tflops=tflops)
+                  qlora=qlora, base=base, speed=speed_model.model_for(profile, lora_impl), prefer=prefer,
+                  alternatives=alternatives)
+    if profile is None:  # a bare --vram: the speed model only ranks, its tokens/s mean nothing
+        result.tokens_per_second = None
+        for alt in result.alternatives:
+            alt.tokens_per_second = None
     if want_max_context and result.estimate is not None:
         result.max_context = max_context(config, result.estimate.setup, vram)
     limit = getattr(config, "max_position_embeddings", None)

@@ -69,6 +69,44 @@ def build_training_model(config: PretrainedConfig, setup: Setup, device: str | t
                  attention=setup.attention, checkpointing=setup.checkpointing).model
 
 
+def _fake_nf4_(model: nn.Module, double_quant: bool) -> int:
+    """Give every adapted linear's base layer a fake NF4 weight (call inside FakeTensorMode).
+
+    bitsandbytes' ``Params4bit`` cannot wrap fake tensors, but the fused NF4 kernel only reads
+    the packed bytes and the ``quant_state`` (absmax, codes, nested state): a uint8 parameter of
+    the packed size with a bitsandbytes ``QuantState`` of fake tensors has exactly the bytes and
+    the code path of a quantised ``Linear4bit`` (blocksize 64, nested blocks of 256)."""
+    from bitsandbytes.functional import QuantState
+
+    from swengine.model.quant import BLOCKSIZE
+    from swengine.planner.inventory import NESTED_BLOCK
+    from swkernels.nn.lora import LoRALinear
+
+    swapped = 0
+    for module in model.modules():
+        if not isinstance(module, LoRALinear):
+            continue
+        base = module.base_layer
+        out_f, in_f = base.weight.shape
+        numel = out_f * in_f
+        blocks = -(-numel // BLOCKSIZE)
+        packed = nn.Parameter(torch.empty((numel + 1) // 2, 1, dtype=torch.uint8), requires_grad=False)
+        code = torch.empty(16, dtype=torch.float32)
+        if double_quant:
+            state2 = QuantState(absmax=torch.empty(-(-blocks // NESTED_BLOCK), dtype=torch.float32),
+                                code=torch.empty(256, dtype=torch.float32), blocksize=NESTED_BLOCK)
+            qs = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8), shape=torch.Size((out_f, in_f)),
+                            code=code, blocksize=BLOCKSIZE, quant_type="nf4", dtype=base.weight.dtype,
+                            offset=torch.empty((), dtype=torch.float32), state2=state2)
+        else:
+            qs = QuantState(absmax=torch.empty(blocks, dtype=torch.float32), shape=torch.Size((out_f, in_f)),
+                            code=code, blocksize=BLOCKSIZE, quant_type="nf4", dtype=base.weight.dtype)
+        packed.quant_state = qs
+        base._parameters["weight"] = packed
+        swapped += 1
+    return swapped
+
+
 def _resident_tensors(model: nn.Module) -> list[torch.Tensor]:
     """Parameters, buffers and bitsandbytes quantisation state (absmax, nested absmax, codes):
     everything the model keeps on the device."""
@@ -172,10 +210,17 @@ def measure_fake(config: PretrainedConfig, setup: Setup, steps: int = 2) -> Meas
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     start = time.perf_counter()
-    model = build_training_model(config, setup, "meta")
+    nf4 = setup.quant != "none"
+    if nf4 and setup.lora_impl != "swkernels":
+        raise NotImplementedError("fake tensors cannot hold PEFT's bitsandbytes NF4 layers; measure PEFT+NF4 "
+                                  "on real tensors (measure_real_cpu)")
+    # NF4 on fake tensors: build with bf16 linears, then swap in fake NF4 weights (below)
+    model = build_training_model(config, setup.with_(quant="none") if nf4 else setup, "meta")
     backend = "triton" if setup.lora_impl == "swkernels" else None
     with FakeTensorMode(allow_non_fake_inputs=True), swkernels.force_backend(backend), LiveBytes() as mem:
         _materialize_fake(model)
+        if nf4:
+            _fake_nf4_(model, double_quant=setup.quant == "nf4-dq")
         mem.count(*_resident_tensors(model))
         weights = mem.current
         mem.reset_peak()

@@ -39,6 +39,11 @@ def to_dict(p: Plan) -> dict:
         "total_vram_bytes": e.total_vram if e else None,
         "peak_phase": e.peak_phase if e else None,
         "tokens_per_second": p.tokens_per_second,
+        "prefer": p.prefer,
+        "speed_source": p.speed_source,
+        "alternatives": [{"setup": a.estimate.setup.to_dict(), "grad_accumulation": a.grad_accumulation,
+                          "total_vram_bytes": a.estimate.total_vram, "tokens_per_second": a.tokens_per_second,
+                          "why_not": a.why_not} for a in p.alternatives],
         "reasons": list(p.reasons),
         "notes": list(e.notes) if e else [],
         "minimum_vram_bytes": p.minimum_vram_bytes,
@@ -78,11 +83,22 @@ def render(p: Plan) -> str:
                   f"(effective batch {s.micro_batch * p.grad_accumulation}), checkpointing "
                   f"{'on' if s.checkpointing else 'off'}, optimizer {s.optimizer}, loss {s.loss}, LoRA {s.lora_impl}")
     if p.tokens_per_second:
-        console.print(f"throughput estimate: ~{p.tokens_per_second:,.0f} tokens/s (45% MFU model; a ranking aid)")
+        console.print(f"throughput estimate: ~{p.tokens_per_second:,.0f} tokens/s ({p.speed_source})", soft_wrap=True)
     if p.max_context is not None:
         console.print(f"max context at micro-batch {s.micro_batch} with this setup: {p.max_context:,} tokens")
     for reason in p.reasons:
         console.print(f"  - {reason}")
     for note in e.notes:
         console.print(f"  note: {note}")
+    if p.alternatives:
+        alt = Table(title=f"alternatives (--prefer {p.prefer})", show_lines=False)
+        for column in ("setup", "accum", "GiB", "tokens/s", "why not chosen"):
+            alt.add_column(column, justify="right" if column in ("accum", "GiB", "tokens/s") else "left")
+        for a in p.alternatives:
+            s = a.estimate.setup
+            alt.add_row(f"{'bf16' if s.quant == 'none' else s.quant}, mb {s.micro_batch}, ckpt "
+                        f"{'on' if s.checkpointing else 'off'}, {s.optimizer}", str(a.grad_accumulation),
+                        f"{a.estimate.total_vram / GiB:.2f}",
+                        f"{a.tokens_per_second:,.0f}" if a.tokens_per_second else "-", a.why_not)
+        console.print(alt)
     return out.getvalue().rstrip()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
@@ -15,13 +17,17 @@ def lora_linear(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tens
     As the fused kernel does, the low-rank term is accumulated into the base output in place
     (``addmm_``) instead of as a second full-size tensor: one M×N buffer, not three as in
     ``base(x) + lora_B(lora_A(x)) * s``; autograd differentiates it the same way."""
-    x32 = x.float()
-    if keep_scale is not None:
-        d = x32 * keep_scale
-    else:
-        d = F.dropout(x32, dropout_p, training=dropout_p > 0)
-    y = F.linear(x32, w.float(), None if bias is None else bias.float())
-    y.addmm_(F.linear(d, a.float()), b.float().t(), alpha=scaling)
+    # fp32 even inside autocast (which would run F.linear in bf16 and break the fp32 addmm_)
+    device = x.device.type
+    off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+    with off:
+        x32 = x.float()
+        if keep_scale is not None:
+            d = x32 * keep_scale
+        else:
+            d = F.dropout(x32, dropout_p, training=dropout_p > 0)
+        y = F.linear(x32, w.float(), None if bias is None else bias.float())
+        y.addmm_(F.linear(d, a.float()), b.float().t(), alpha=scaling)
     return y.to(x.dtype)
 
 

@@ -188,3 +188,15 @@ def test_torch_compile_traces_the_op():
     x, w, a, b, bias = make((4,), 16, 8, 2, True, torch.float32, "cpu")
     fn = torch.compile(lambda x: swkernels.lora_linear(x, w, a, b, 2.0, bias), backend="aot_eager", fullgraph=True)
     assert rel_err(fn(x), reference.lora_linear(x, w, a, b, 2.0, bias)) < 1e-5
+
+
+def test_the_torch_fallback_runs_inside_cpu_autocast():
+    """The fallback computes in fp32 even under autocast (which used to break its in-place fp32
+    addmm with a bf16 output): the CPU NF4 path of the planner's real-CPU measurement runs there."""
+    x = torch.randn(5, 24, dtype=torch.bfloat16)
+    w, a, b = torch.randn(40, 24, dtype=torch.bfloat16), torch.randn(4, 24), torch.randn(40, 4)
+    plain = reference.lora_linear(x, w, a, b, 0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = reference.lora_linear(x, w, a, b, 0.5)
+    assert inside.dtype == torch.bfloat16
+    torch.testing.assert_close(inside, plain, rtol=0, atol=0)
