@@ -163,3 +163,14 @@ def test_a_speed_model_fitted_on_cpu_steps_ranks_three_setups_as_measured():
     predicted = [model.tokens_per_second(SMALL, s, a) for s, a in three]
     order = lambda xs: sorted(range(len(xs)), key=lambda i: -xs[i])
     assert order(predicted) == order(measured), (predicted, measured)
+
+
+def test_an_uncalibrated_family_is_planned_with_generic_coefficients_and_says_so(tmp_path, capsys):
+    from transformers import Qwen3Config
+
+    Qwen3Config(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936).save_pretrained(tmp_path)
+    code, out, _ = run_main(capsys, ["plan", "--model", str(tmp_path), "--gpu", "rtx-4090", "--json"])
+    assert code == 0
+    data = json.loads(out)
+    assert data["fits"] and any("'qwen3' is not calibrated" in n for n in data["notes"])

@@ -3,13 +3,13 @@
 # 8/12/16/24 GB cards, and the benchmark matrix (subset), every part under its own time limit so
 # that one slow part cannot hide the others' results. Everything lands in $OUT/gpu.tar.gz.
 #   OUT=/tmp/gpu-out bash tools/gpu_session.sh
-# PARTS picks parts (default: "tests vram demo bench"); BENCHES picks benchmark files; LORA_K
+# PARTS picks parts (default: "tests vram demo bench speed"; speed refits the planner's speed model); BENCHES picks benchmark files; LORA_K
 # narrows the LoRA matrix (a pytest -k expression). Wheels the machine lacks (bitsandbytes,
 # liger-kernel, jsonschema) may sit in .whl/.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-PARTS=${PARTS:-tests vram demo bench}
+PARTS=${PARTS:-tests vram demo bench speed}
 BENCHES=${BENCHES:-step lora losses rope silu train}
 R=/tmp/gpu-results
 mkdir -p "$R" "${OUT:?set OUT}"
@@ -41,6 +41,16 @@ bench() {  # name seconds pytest-args...
 if has "$PARTS" bench; then
   has "$BENCHES" step && bench step "${STEP_SECONDS:-150}" bench/test_train_step.py
   has "$BENCHES" lora && bench lora "${LORA_SECONDS:-90}" bench/test_lora.py -k "${LORA_K:-T8192}"
+fi
+
+# 0b. the planner's speed model for this GPU architecture: real training steps of preset models,
+# fitted and written into swengine/planner/speed.json (copied out: commit it with the results)
+if has "$PARTS" speed; then
+  timeout -k 5 "${SPEED_SECONDS:-150}" python3 tools/calibrate_speed.py --device cuda --samples "${SPEED_SAMPLES:-24}" \
+    --seconds "$(( ${SPEED_SECONDS:-150} - 30 ))" > "$R/speed.log" 2>&1
+  echo "speed exit $?" | tee -a "$R/speed.log"
+  cp swengine/planner/speed.json "$R/speed.json" 2>/dev/null
+  tail -n 3 "$R/speed.log"
 fi
 
 # 1. tests, the planner check and the demo side by side (correctness; timings come later, alone)

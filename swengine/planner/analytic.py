@@ -36,16 +36,27 @@ from swengine.planner.calibrate import PHASES  # noqa: E402
 _calibration: dict | None = None
 
 
-def _coefficients(family: str, setup: Setup) -> dict[str, dict[str, float]]:
+GENERIC_FAMILY = "llama"  # families with no calibration of their own are planned with these coefficients
+
+
+def _coefficients(family: str, setup: Setup) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """The calibrated per-phase coefficients for the family and setup profile, and notes: a family
+    the planner was never calibrated for (its layer is still counted exactly: static bytes and
+    features come from its real inventory) gets the generic (Llama) coefficients, and says so."""
     global _calibration
     if _calibration is None:
         _calibration = load_calibration()
     key = profile_key(family, setup)
-    if key not in _calibration:
+    if key in _calibration:
+        return _calibration[key]["phases"], []
+    generic = profile_key(GENERIC_FAMILY, setup)
+    if generic not in _calibration:
         known = sorted({k.split("|")[0] for k in _calibration})
         raise UserError(f"the planner has no calibration for {key} (calibrated families: {', '.join(known)}); "
                         "run tools/calibrate_planner.py")
-    return _calibration[key]["phases"]
+    return _calibration[generic]["phases"], [
+        f"model family {family!r} is not calibrated: its activations are planned with the generic "
+        f"({GENERIC_FAMILY}) coefficients, so allow a few percent more headroom (tools/calibrate_planner.py calibrates it)"]
 
 
 @dataclass
@@ -119,13 +130,14 @@ def estimate(config: PretrainedConfig, setup: Setup, model_name: str = "") -> Es
     inv = inventory(config)
     st: StaticBytes = static_bytes(inv, setup)
     f = features(inv, setup, st.lora_numel, st.lora_numel_per_layer)
-    coefs = _coefficients(inv.family, setup)
+    coefs, family_notes = _coefficients(inv.family, setup)
     phase_dyn = {p: sum(c * f[k] for k, c in coefs[p].items()) for p in PHASES}
     dequant = _peft_nf4_dequant_bytes(inv, setup)
     for p in PHASES:
         if p.startswith("layers_backward"):
             phase_dyn[p] += dequant
-    t_weights, t_transient, notes = _teacher_bytes(setup, inv)
+    t_weights, t_transient, teacher_notes = _teacher_bytes(setup, inv)
+    notes = family_notes + teacher_notes
     phase_dyn["head_backward"] += t_transient
     phase = max(PHASES, key=lambda p: phase_dyn[p])
     groups = _group(coefs[phase], f)
