@@ -15,6 +15,8 @@ import typer
 from swengine import SCHEMA_VERSION
 from swengine.errors import UserError
 
+ARGV: list[str] = []  # this invocation's arguments (``--nproc`` passes them on to torchrun)
+
 EXIT_CODES = {
     0: "ok",
     1: "the answer is no (the plan does not fit, kernels unhealthy)",
@@ -150,6 +152,9 @@ def train(
                                  "circuit-breaker trip and a failed end, the event as JSON on stdin (also "
                                  "$SWENGINE_ALERT_MESSAGE/_RULE/_ACTION/_STEP); never blocks training. Same as "
                                  "safety.on_alert=."),
+    nproc: int = typer.Option(None, "--nproc", min=1, help="Data parallel over N processes on this machine (one "
+                              "per GPU; gloo on CPU): runs this command under torchrun "
+                              "(torchrun --nproc-per-node N -m swengine train ... is the same)."),
 ) -> None:
     """Fine-tune with LoRA/QLoRA. With no arguments: the embedded offline demo (tiny model, CPU-friendly).
 
@@ -159,6 +164,10 @@ def train(
     checkpoint was saved; continue with --resume auto)."""
     from swengine.train.cli import run_train
 
+    if nproc is not None and nproc > 1 and not dry_run:
+        from swengine.train.launch import launch
+
+        launch(nproc, ARGV or sys.argv[1:])
     run_train(args or [], resume=resume, auto=auto or None, gpu=gpu, dry_run=dry_run,
               strict_kernels=strict_kernels, overwrite=overwrite, context=context, rope_scaling=rope_scaling,
               teacher=teacher, on_alert=on_alert)
@@ -214,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     from swkernels._backend import BackendError
 
     args = sys.argv[1:] if argv is None else list(argv)
+    ARGV[:] = args
     as_json = "--json" in args
     try:
         code = app(args=args, prog_name="swengine", standalone_mode=False)

@@ -176,6 +176,12 @@ class DistillConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Runs under torchrun (``swengine train --nproc N``); one process reads but does not use it."""
+    timeout_s: int = 600  # a rank that answers no collective for this long ends the job (a dead one: at once)
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/demo"
     seed: int = 0
@@ -193,6 +199,7 @@ class TrainConfig:
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

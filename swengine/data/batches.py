@@ -81,12 +81,21 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
 
 class BatchStream:
     """Micro-batches in a seeded order that is reshuffled every epoch; its position (epoch, index)
-    is part of a checkpoint, so a resumed run sees exactly the batches it would have seen."""
+    is part of a checkpoint, so a resumed run sees exactly the batches it would have seen.
 
-    def __init__(self, rows: list[Row], micro_batch: int, seed: int, pad_id: int, shuffle: bool = True):
+    Data parallel (``world`` ranks): each ``next()`` moves the one global sequence of micro-batches
+    on by ``world`` (``micro_batch × world`` rows) and rank ``r`` takes the r-th of them, so the ranks
+    together see exactly the micro-batches one process would, epoch boundaries included. The
+    position stays global, so a checkpoint resumes under any number of ranks."""
+
+    def __init__(self, rows: list[Row], micro_batch: int, seed: int, pad_id: int, shuffle: bool = True,
+                 rank: int = 0, world: int = 1):
         if not rows:
             raise ValueError("no training rows")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in a world of {world}")
         self.rows, self.micro_batch, self.seed, self.pad_id, self.shuffle = rows, micro_batch, seed, pad_id, shuffle
+        self.rank, self.world = rank, world
         self.epoch, self.index = 0, 0
         self._order = self._permutation(0)
 
@@ -98,17 +107,26 @@ class BatchStream:
 
     @property
     def batches_per_epoch(self) -> int:
-        return -(-len(self.rows) // self.micro_batch)
+        """Micro-batches per epoch on each rank."""
+        micro_batches = -(-len(self.rows) // self.micro_batch)  # of the global sequence
+        return -(-micro_batches // self.world)
 
-    def next(self) -> dict[str, torch.Tensor]:
+    def _advance(self) -> list[int]:
+        """The next micro-batch of the global sequence (indices into rows)."""
         if self.index >= len(self._order):
             self.epoch += 1
             self.index = 0
             self._order = self._permutation(self.epoch)
-        self.last_rows = self._order[self.index:self.index + self.micro_batch]  # indices into rows
-        picked = [self.rows[i] for i in self.last_rows]
+        picked = self._order[self.index:self.index + self.micro_batch]
         self.index += self.micro_batch
-        return collate(picked, self.pad_id)
+        return picked
+
+    def next(self) -> dict[str, torch.Tensor]:
+        for r in range(self.world):
+            picked = self._advance()
+            if r == self.rank:
+                self.last_rows = picked  # indices into rows
+        return collate([self.rows[i] for i in self.last_rows], self.pad_id)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 import typer
@@ -24,8 +26,12 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def notice(message: str) -> None:
-    """Progress and notices go to stderr; stdout keeps the command's result."""
-    typer.echo(message, err=True)
+    """Progress and notices go to stderr; stdout keeps the command's result. Under torchrun only
+    rank 0 speaks."""
+    from swengine.train.distributed import is_main_process
+
+    if is_main_process():
+        typer.echo(message, err=True)
 
 
 def _plan(cfg: TrainConfig, gpu: str | None, seq_len: int, rank: int | None = None):
@@ -33,8 +39,11 @@ def _plan(cfg: TrainConfig, gpu: str | None, seq_len: int, rank: int | None = No
     from swengine.planner.cli import make_plan
 
     d = cfg.distill  # an online teacher shares the card: the plan includes it
-    return make_plan(model_load.model_path(cfg.model.path), gpu=gpu, seq_len=seq_len,
-                     batch=cfg.schedule.micro_batch_size * cfg.schedule.grad_accumulation, rank=rank,
+    # a per-GPU plan: under N ranks each plans 1/N of the global batch, so the accumulation it picks
+    # keeps micro × accumulation × N at (or just above) micro_batch_size × grad_accumulation
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batch = math.ceil(cfg.schedule.micro_batch_size * cfg.schedule.grad_accumulation / world)
+    return make_plan(model_load.model_path(cfg.model.path), gpu=gpu, seq_len=seq_len, batch=batch, rank=rank,
                      qlora=True if cfg.quantization.load_in_4bit else None, lora_impl=cfg.lora.impl,
                      loss="fused" if cfg.fused_loss else "unfused",
                      teacher=model_load.model_path(d.teacher) if d.teacher else None,
@@ -198,8 +207,18 @@ def run_train(args: list[str], resume: str | None, auto: bool | None, gpu: str |
             notice(describe(resolve(cfg, explicit, plan_for)))
         typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
         return
-    result = Trainer(cfg, resume=resume, log=notice, overwrite=overwrite, explicit=explicit,
-                     plan_for=plan_for).run()
+    if cfg.distributed.timeout_s < 1:
+        raise UserError(f"distributed.timeout_s must be >= 1 second (got {cfg.distributed.timeout_s})")
+    from swengine.train import distributed
+
+    dist = distributed.init(cfg.distributed.timeout_s)
+    try:
+        result = Trainer(cfg, resume=resume, log=notice, overwrite=overwrite, explicit=explicit,
+                         plan_for=plan_for, dist=dist).run()
+    finally:
+        dist.close()
+    if not dist.main:
+        return
     out = Path(result.output_dir)
     typer.echo("")
     if result.first_eval_loss is not None and result.eval_loss is not None:

@@ -42,6 +42,7 @@ from swengine.telemetry import MetricsLogger
 from swengine.train import checkpoint as ckpt
 from swengine.train import phases
 from swengine.train.distill import Distiller
+from swengine.train.distributed import Dist, NoLock, PeerLost, QuietMetrics
 from swengine.train.lock import RunLock, check_output_dir, new_run_id
 from swengine.train.optim import build_optimizer
 from swengine.train.step import (
@@ -118,10 +119,14 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
     def __init__(self, cfg: TrainConfig, resume: str | None = None, log=print, overwrite: bool = False,
-                 explicit: set[str] | frozenset = frozenset(), plan_for=None):
+                 explicit: set[str] | frozenset = frozenset(), plan_for=None, dist: Dist | None = None):
         """``explicit``: config keys the user wrote; ``plan_for(seq_len) -> PhaseSetup``: the
-        planner's micro-batch / accumulation / checkpointing per phase length (--auto)."""
+        planner's micro-batch / accumulation / checkpointing per phase length (--auto); ``dist``:
+        this process's rank in a torchrun group (:mod:`swengine.train.distributed`; default one
+        process). Only rank 0 writes and prints; every rank takes part in every collective."""
         self.cfg, self.resume, self.log, self.overwrite = cfg, resume, log, overwrite
+        self.dist = dist or Dist()
+        self._agreed_signal = 0  # data parallel: a signal some rank received, agreed at the last step
         self.explicit, self.plan_for = explicit, plan_for
         self.out = Path(cfg.output_dir)
         self.run_id = new_run_id()
@@ -157,6 +162,10 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
         cfg = self.cfg
         seed_everything(cfg.seed)
         self.device = model_load.resolve_device(cfg.device)
+        if self.dist.active:
+            self._check_distributed()
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", self.dist.local_rank)
         self.dtype = model_load.resolve_dtype(cfg.model.dtype, self.device)
         self.model_path = model_load.model_path(cfg.model.path)
         train_path, eval_path, self.is_demo = self._data_paths()
@@ -175,6 +184,7 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
                                      checkpointing=cfg.checkpointing.gradient_checkpointing,
                                      strict_kernels=cfg.model.strict_kernels)
         self.model, self.handle, self.params = built.model, built.handle, built.params
+        self.dist.broadcast_params(self.params)
         self.distiller = Distiller.create(cfg, self) if (cfg.distill.teacher or cfg.distill.cache) else None
         self._checkpointing = cfg.checkpointing.gradient_checkpointing
         self.autocast = self.dtype if self.device.type == "cuda" and self.dtype != torch.float32 else None
@@ -198,7 +208,35 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
 
     # ------------------------------------------------------------------ the output directory
     def _claim_output_dir(self) -> None:
-        """Lock output_dir, clean debris of killed runs, refuse or archive a previous run."""
+        """Lock output_dir, clean debris of killed runs, refuse or archive a previous run (rank 0;
+        the other ranks wait for it and take its run id)."""
+        if not self.dist.active:
+            return self._claim_output_dir_here()
+        failed = None
+        if self.dist.main:
+            try:
+                self._claim_output_dir_here()
+            except BaseException as exc:
+                failed = exc
+        else:
+            self.lock = NoLock()
+        self.run_id, ok = self.dist.broadcast_object((self.run_id, failed is None), "waiting for rank 0 to claim "
+                                                     f"{self.out}")
+        self.lineage = self.run_id
+        if failed is not None:
+            raise failed
+        if not ok:
+            raise RunStopped(f"rank {self.dist.rank}: rank 0 could not start the run (its error says why)", 2)
+
+    def _check_distributed(self) -> None:
+        """What a data-parallel run does not do yet is refused, not run half-right."""
+        for key, on in (("context.phases", self.cfg.context.phases), ("distill.teacher", self.cfg.distill.teacher),
+                        ("distill.cache", self.cfg.distill.cache)):
+            if on:
+                raise UserError(f"{key} is not supported with more than one process yet; run it without "
+                                "--nproc / torchrun")
+
+    def _claim_output_dir_here(self) -> None:
         check_output_dir(self.out)
         self.lock = RunLock(self.out, self.run_id)
         self.lock.acquire(self.log)
@@ -269,7 +307,8 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
             msg = (f"{name}: still {'saving the checkpoint' if self._saving else 'finishing the step'}, please "
                    "wait; once more abandons it and keeps the previous checkpoint")
         try:
-            os.write(2, (msg + "\n").encode())  # not print(): a handler may interrupt a print
+            if self.dist.main:
+                os.write(2, (msg + "\n").encode())  # not print(): a handler may interrupt a print
         except OSError:
             pass
 
@@ -302,7 +341,9 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
         was = self.model.training
         self.model.eval()
         total, count = 0.0, 0
-        for batch in eval_batches(self.data.eval, self.phase.micro_batch, self.tokenizer.pad_token_id):
+        for i, batch in enumerate(eval_batches(self.data.eval, self.phase.micro_batch, self.tokenizer.pad_token_id)):
+            if i % self.dist.world != self.dist.rank:  # data parallel: each rank its share of the batches
+                continue
             n = label_tokens(batch)
             batch = {k: v.to(self.device) for k, v in batch.items() if k != "real_tokens"}
             with autocast_context(self.device.type, self.autocast):
@@ -310,6 +351,7 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
             total += float(loss) * n
             count += n
         self.model.train(was)
+        total, count = self.dist.sum([total, count], self.device, "the evaluation sum")
         return total / max(count, 1)
 
     def skill_accuracy(self) -> float | None:
@@ -347,6 +389,10 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
                     self._end("failed")
                     raise RunStopped(f"error: no space left on {_filesystem(self.out)}: freed 0.0 MB of partial "
                                      f"output; {self._last_checkpoint_words()}", FAILED) from None
+                except PeerLost as exc:
+                    self._end("failed", reason="rank_lost")
+                    raise RunStopped(f"error: {exc} at step {self.step + 1}; {self._last_checkpoint_words()}",
+                                     FAILED) from None
                 except BaseException:
                     self._end("failed")
                     raise
@@ -364,7 +410,8 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
         self.setup()
         tb = self.out / "tensorboard" if self.cfg.logging.tensorboard else None
         resume_from = self._resumed_from = self._resume_path()
-        self.metrics = MetricsLogger(self.out / "metrics.jsonl", tb, run_id=self.run_id, log=self.log)
+        self.metrics = (MetricsLogger(self.out / "metrics.jsonl", tb, run_id=self.run_id, log=self.log)
+                        if self.dist.main else QuietMetrics(self.dist.rank))
         if self.phased:
             self.metrics.phase = self.phase.name
         self._setup_breaker()
@@ -383,7 +430,7 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
                          lineage=self.lineage, pid=os.getpid(), truncated_records=self.data.truncated,
                          dropped_records=self.data.dropped, malformed_records=self.data.malformed,
                          padding_ratio=padding_ratio(self.data.train), data_cache=self.data.cache,
-                         data_mix=dict(self.data.mix),
+                         data_mix=dict(self.data.mix), world_size=self.dist.world,
                          config=self.cfg.to_dict())
         if self.distiller is not None:
             self.log(self.distiller.describe())
@@ -395,7 +442,9 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
         self.log(f"{self.model_path}: {n_params:,} trainable LoRA parameters (rank {self.spec.rank}), "
                  f"{len(self.data.train)} training rows ({self.data.format}, {100 * padding_ratio(self.data.train):.1f}% "
                  f"padding{lengths}), {self.total_steps} steps on "
-                 f"{self.device} in {str(self.dtype).replace('torch.', '')}")
+                 f"{self.device} in {str(self.dtype).replace('torch.', '')}"
+                 + (f", data parallel over {self.dist.world} ranks (global batch {self.dist.world} × "
+                    f"{self.phase.micro_batch} × {self.phase.grad_accumulation})" if self.dist.active else ""))
         skill_before = self.skill_accuracy() if resume_from is None else None
         first_eval = self.evaluate() if resume_from is None else None
         if first_eval is not None:
@@ -406,7 +455,7 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
         window_loss, window_tokens, window_start = [], 0, time.perf_counter()
         try:
             while self.step < self.total_steps:
-                if self._signals:
+                if self._pending_signal():
                     self._stop_for_signal(last_loss, last_eval)
                 rollbacks = self._rollbacks
                 loss, tokens, norm = self._train_step()  # counts the step once it is complete
@@ -456,7 +505,9 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
             last_eval = self._eval_and_track()
         self.save_checkpoint("final")
         adapter_dir = self.out / "adapter"
-        ckpt.atomic_dir(adapter_dir, self._save_adapter)
+        if self.dist.main:
+            ckpt.atomic_dir(adapter_dir, self._save_adapter)
+        self.dist.barrier("waiting for rank 0 to write the adapter")
         skill_after = self.skill_accuracy() if skill_before is not None else None
         elapsed = time.perf_counter() - start
         self._end(status, train_loss=last_loss, eval_loss=last_eval, skill_before=skill_before,
@@ -464,9 +515,16 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
         return RunResult(self.out, adapter_dir, self.step, last_loss, last_eval, first_eval,
                          tokens_seen / max(elapsed, 1e-9), skill_before, skill_after)
 
+    def _pending_signal(self) -> int:
+        """The signal to stop for at this step boundary (0: none). Data parallel: the one the ranks
+        agreed on at the end of the last step, so all of them stop at the same step."""
+        if self.dist.active:
+            return self._agreed_signal
+        return self._signals[0] if self._signals else 0
+
     def _stop_for_signal(self, last_loss: float | None, last_eval: float | None) -> None:
         """At an optimizer-step boundary: save (unless this step is saved already) and stop."""
-        signum = self._signals[0]
+        signum = self._pending_signal() or signal.SIGINT
         if self._last_ckpt_step == self.step or (self._last_ckpt_step is None and self.step == 0):
             path = self._last_ckpt  # nothing new since the last checkpoint (or since the start)
         else:
@@ -502,8 +560,11 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
             for _ in range(self.phase.grad_accumulation):
                 batches.append(self.stream.next())
                 rows.append(self.stream.last_rows)
-            num_items = max(sum(label_tokens(b) for b in batches), 1)
+            num_items = sum(label_tokens(b) for b in batches)
             tokens = sum(int(b.pop("real_tokens")) for b in batches)
+            if self.dist.active:  # the global batch's label tokens: every token weighs alike on every rank
+                num_items, tokens = map(int, self.dist.sum([num_items, tokens], self.device, "the token count"))
+            num_items = max(num_items, 1)
             total = None
             if self.distiller is not None:
                 logging_step = (self.step + 1) % self.cfg.logging.every == 0 or self.step + 1 == self.total_steps
@@ -519,13 +580,18 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
             ckpt.set_rng_state(rng_before)
             self.optimizer.zero_grad(set_to_none=True)
             raise  # the step is undone (data position, RNG, gradients): a checkpoint now resumes exactly
+        total = self.dist.sync_grads(self.params, total)
         norm_t = clip_gradients(self.optimizer, self.params, max_grad_norm=self.cfg.optim.max_grad_norm,
                                 scaler=self.scaler)
         loss, norm = float(total), float(norm_t)  # the step's one host sync
+        elapsed, peak = time.perf_counter() - started, peak_memory_bytes(self.device)
+        if self.dist.active:  # the same inputs on every rank: the same breaker decisions, the same stop
+            agreed, elapsed, peak = self.dist.max([self._signals[0] if self._signals else 0, elapsed, peak],
+                                                  self.device)
+            self._agreed_signal = int(agreed)
         decision = None
         if self.monitor is not None:  # the circuit breaker sees the step before it is applied
-            tps = tokens / max(time.perf_counter() - started, 1e-9)
-            decision = self.monitor.step(self.step + 1, loss, norm, tps, peak_memory_bytes(self.device),
+            decision = self.monitor.step(self.step + 1, loss, norm, tokens / max(elapsed, 1e-9), int(peak),
                                          self.vram_total, phase=self.phase.name if self.phased else None)
         self._in_update = True
         if decision is not None and decision.action in ("skip", "rollback", "stop"):

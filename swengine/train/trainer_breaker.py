@@ -47,7 +47,7 @@ class BreakerMixin:
         from swengine.safety.rules import Breaker, SafetyRules
 
         self.breaker = Breaker(safety_rules(self.cfg, SafetyRules))
-        if self.cfg.safety.on_alert:
+        if self.cfg.safety.on_alert and self.dist.main:  # one alert per trip, not one per rank
             self.alerts = AlertRunner(self.cfg.safety.on_alert, log=self.log)
         self.monitor = Monitor(self.breaker, self.metrics, self.log, self.alerts)
 

@@ -33,6 +33,10 @@ class CheckpointsMixin:
             save_extended_config(self.model_config, directory)
 
     def save_checkpoint(self, kind: str = "periodic", **extra) -> Path:
+        if not self.dist.main:  # data parallel: rank 0 writes; the others keep the same bookkeeping
+            path = self.out / "checkpoints" / ckpt.checkpoint_name(self.step)
+            self._last_ckpt, self._last_ckpt_step, self._tripped = path, self.step, False
+            return path
         self._saving = True
         try:
             return self._save_checkpoint(kind, extra)

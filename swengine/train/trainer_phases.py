@@ -35,7 +35,7 @@ class PhasesMixin:
         if self.data.max_seq_len != p.seq_len:
             self.data = self._prepare(p.seq_len)
         self.stream = BatchStream(self.data.train, p.micro_batch, self.cfg.seed, self.tokenizer.pad_token_id,
-                                  self.cfg.data.shuffle)
+                                  self.cfg.data.shuffle, rank=self.dist.rank, world=self.dist.world)
         if p.checkpointing != self._checkpointing:
             set_checkpointing(self.model, p.checkpointing)
             self._checkpointing = p.checkpointing
