@@ -23,8 +23,13 @@ SMALL = LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=2,
                     num_key_value_heads=2, vocab_size=2048)
 
 
+CONFIGS = [SMALL, LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=8,
+                              num_key_value_heads=4, vocab_size=1024)]
+
+
 def _features(rng: random.Random) -> dict[str, float]:
-    cfg, s = SMALL, Setup(seq_len=rng.choice([64, 128, 512]), micro_batch=rng.choice([1, 2, 4]),
+    """Random setups of two models (one model alone makes weight reads a multiple of layer passes)."""
+    cfg, s = rng.choice(CONFIGS), Setup(seq_len=rng.choice([64, 128, 512]), micro_batch=rng.choice([1, 2, 4]),
                           lora_rank=rng.choice([8, 64]), quant=rng.choice(["none", "nf4-dq"]),
                           checkpointing=rng.choice([False, True]))
     return speed.features(cfg, s, rng.choice([1, 4]))

@@ -1,14 +1,17 @@
 """The planner's speed model: seconds per optimizer step of a setup, fitted to measured steps.
 
-One micro-batch costs a linear form in four features, and the optimizer update one more:
+One micro-batch costs a linear form in five features, and the optimizer update one more:
 
-    step = accumulation · (c_flops·FLOPs + c_nf4·NF4 elements dequantised + c_calls·layer passes
-                           + c_batch) + c_params·trainable parameters
+    step = accumulation · (c_flops·FLOPs + c_weights·weight elements read + c_nf4·NF4 elements
+                           dequantised + c_calls·layer passes + c_batch) + c_params·trainable parameters
 
 - FLOPs: the frozen base's forward and input-gradient backward (2N + 2N per token), the
   recompute under checkpointing (+2N), attention, and the adapters' three small matmuls;
-- NF4 elements: every quantised weight is dequantised once per pass over it (forward, backward,
-  and the recompute): the cost QLoRA pays per micro-batch whatever its size;
+- weight elements read: every base weight (and the LM head) is read once per pass over it
+  (forward, backward, and the recompute), whatever the micro-batch: what makes a small
+  micro-batch memory-bound;
+- NF4 elements: every quantised weight is also dequantised once per pass: the extra cost QLoRA
+  pays per micro-batch whatever its size;
 - layer passes: decoder layers run forward, backward (and recompute): per-kernel launch and
   Python overhead, what makes small micro-batches inefficient;
 - one per micro-batch (embedding, loss, the loop) and, per step, the optimizer over the adapters.
@@ -37,7 +40,7 @@ from swengine.planner.setup import Setup
 from swengine.planner.static import lora_targets, static_bytes
 
 SPEED_FILE = Path(__file__).with_name("speed.json")
-FEATURES = ("flops", "nf4", "calls", "batch", "params")
+FEATURES = ("flops", "weights", "nf4", "calls", "batch", "params")
 GENERIC_MFU = 0.45  # dense bf16 LoRA training on consumer cards, before measurements say otherwise
 
 
@@ -60,8 +63,10 @@ def features(config: PretrainedConfig, setup: Setup, grad_accumulation: int = 1)
     inv = inventory(config)
     passes = 3 if setup.checkpointing else 2
     quantised = sum(li.in_features * li.out_features for li in lora_targets(inv, setup)) * inv.num_layers
+    layers = sum(li.in_features * li.out_features for li in inv.layer_linears) * inv.num_layers
     micro = {
         "flops": flops_per_token(config, setup) * setup.tokens,
+        "weights": layers * passes + inv.vocab * inv.hidden * 2,  # the LM head: forward and backward
         "nf4": quantised * passes if setup.quant != "none" else 0.0,
         "calls": inv.num_layers * passes,
         "batch": 1.0,
@@ -90,7 +95,7 @@ class SpeedModel:
 def fit(rows: list[dict[str, float]], seconds: list[float]) -> dict[str, float]:
     """Non-negative least squares on relative error (every measured step counts alike): the best
     of the exact least-squares fits over feature subsets whose coefficients are all >= 0 (five
-    features: 31 subsets, each a tiny solve)."""
+    features: 63 subsets, each a tiny solve)."""
     X = np.array([[r[k] for k in FEATURES] for r in rows], dtype=np.float64)
     y = np.array(seconds, dtype=np.float64)
     Xw = X / y[:, None]
@@ -123,14 +128,15 @@ def device_key(capability: str | None) -> str:
 
 
 def generic(profile, lora_impl: str) -> SpeedModel:
-    """Coefficients from a GPU's published figures: FLOPs at GENERIC_MFU of the tensor peak;
-    dequantisation as memory traffic (the fused NF4 kernel reads 0.5 B per weight and decodes in
-    registers, ~2 B/element of bandwidth-equivalent work; PEFT + bitsandbytes writes a bf16 copy and
-    the GEMM reads it back: ~4.5 B); ~15 kernel launches of ~8 µs per layer pass; 28 B of
-    optimizer traffic per trainable parameter (fp32 weight, grad and two states)."""
+    """Coefficients from a GPU's published figures: FLOPs at GENERIC_MFU of the tensor peak; each
+    weight read as 2 B of bandwidth (bf16); dequantisation as extra memory traffic (the fused NF4
+    kernel decodes in registers, ~1.5 B/element of bandwidth-equivalent work; PEFT + bitsandbytes
+    writes a bf16 copy and the GEMM reads it back: ~4 B); ~15 kernel launches of ~8 µs per layer
+    pass; 28 B of optimizer traffic per trainable parameter (fp32 weight, grad and two states)."""
     tflops = (profile.tensor_tflops if profile else 100.0) * 1e12
     bandwidth = (profile.mem_gbps if profile else 900.0) * 1e9
-    coef = {"flops": 1 / (tflops * GENERIC_MFU), "nf4": (2.0 if lora_impl == "swkernels" else 4.5) / bandwidth,
+    coef = {"flops": 1 / (tflops * GENERIC_MFU), "weights": 2.0 / bandwidth,
+            "nf4": (1.5 if lora_impl == "swkernels" else 4.0) / bandwidth,
             "calls": 15 * 8e-6, "batch": 2e-3, "params": 28 / bandwidth}
     name = profile.name if profile else "an unknown GPU"
     return SpeedModel(coef, f"generic: {name}'s published TFLOP/s and bandwidth (no measured steps on "
@@ -153,7 +159,7 @@ def model_for(profile, lora_impl: str, tables: dict | None = None) -> SpeedModel
     ref = profile_for(entry.get("device", "")) if profile is not None else None
     if profile is not None and ref is not None and ref.key != profile.key:
         compute, memory = ref.tensor_tflops / profile.tensor_tflops, ref.mem_gbps / profile.mem_gbps
-        coef = {k: v * (compute if k == "flops" else memory if k in ("nf4", "params") else 1.0)
+        coef = {k: v * (compute if k == "flops" else memory if k in ("weights", "nf4", "params") else 1.0)
                 for k, v in coef.items()}
     where = f"measured on {entry.get('device', key)} ({entry.get('date', '?')}, {len(entry.get('samples', []))} steps)"
     return SpeedModel(coef, where, measured=True)
