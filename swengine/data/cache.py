@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from swengine.data.formats import IGNORE, check_fields, detect_format, record_error, to_example
+from swengine.data.formats import IGNORE, check_fields, detect_format, record_error, text_examples, to_example
 from swengine.data.sources import Source, row_slice
 from swengine.errors import UserError
 
@@ -51,6 +51,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
+def _view(array, buffer: int, count: int = -1) -> np.ndarray:
+    """An int32 buffer of an Arrow array as a numpy view on the memory map (``to_numpy`` would
+    import pandas: slow, and tens of MiB). Buffers: 1 = a column's values or a list's offsets,
+    3 = a list's values; arrays written by :func:`_batch` have no offset and no nulls."""
+    return np.frombuffer(array.buffers()[buffer], dtype=np.int32, count=count)
+
+
 class TokenStore:
     """A cache entry's examples, memory-mapped: ``get(i)`` gives (ids, labels) as lists."""
 
@@ -68,13 +75,13 @@ class TokenStore:
         self.table = table
         self._ids, self._labels, starts = [], [], [0]
         for ids, labels in zip(table.column("input_ids").chunks, table.column("labels").chunks, strict=True):
-            self._ids.append((ids.offsets.to_numpy(), ids.values.to_numpy(zero_copy_only=True)))
-            self._labels.append(labels.values.to_numpy(zero_copy_only=True))
+            self._ids.append((_view(ids, 1, len(ids) + 1), _view(ids, 3)))
+            self._labels.append(_view(labels, 3))
             starts.append(starts[-1] + len(ids))
         self._starts = np.asarray(starts[1:], dtype=np.int64)
-        self.lengths = table.column("length").to_numpy().astype(np.int64)
-        self.first_label = table.column("first_label").to_numpy().astype(np.int64)
-        self.trained = table.column("trained").to_numpy().astype(np.int64)
+        self.lengths, self.first_label, self.trained = (
+            np.concatenate([_view(c, 1, len(c)) for c in table.column(name).chunks]).astype(np.int64)
+            for name in ("length", "first_label", "trained"))
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -101,46 +108,61 @@ class Tokenised:
     seconds: float
 
 
+def _examples(records: list[dict], where: list[str]) -> list:
+    w = _WORK
+    if w["fmt"] == "text":  # one tokenizer call for the chunk
+        return text_examples([r[w["text_field"]] for r in records], w["tokenizer"])
+    out = []
+    for record, at in zip(records, where, strict=True):
+        try:
+            out.append(to_example(record, w["fmt"], w["tokenizer"], train_on_prompt=w["train_on_prompt"],
+                                  text_field=w["text_field"]))
+        except UserError as exc:
+            raise UserError(f"{at}: {exc}") from None
+    return out
+
+
 def _tokenise(task: tuple[int, int]):
     """Records start..end → flat int32 ids/labels, per-example lengths, first trained position,
     trained count and where (malformed records, known from the check, are skipped)."""
     start, end = task
-    w = _WORK
-    ids, labels, lengths, first, trained, where = [], [], [], [], [], []
-    for i, record in enumerate(row_slice(w["records"], start, end), start):
-        if i in w["bad"]:
-            continue
-        at = w["where"][i]
-        try:
-            e = to_example(record, w["fmt"], w["tokenizer"], train_on_prompt=w["train_on_prompt"],
-                           text_field=w["text_field"])
-        except UserError as exc:
-            raise UserError(f"{at}: {exc}") from None
-        lab = np.asarray(e.labels, dtype=np.int32)
-        trained_at = np.flatnonzero(lab != IGNORE)
-        ids.append(np.asarray(e.input_ids, dtype=np.int32))
-        labels.append(lab)
-        lengths.append(len(e.input_ids))
-        first.append(int(trained_at[0]) if len(trained_at) else -1)
-        trained.append(len(trained_at))
-        where.append(at)
-    cat = (lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32))
-    return cat(ids), cat(labels), np.asarray(lengths, dtype=np.int32), first, trained, where
+    keep = [i for i in range(start, end) if i not in _WORK["bad"]]
+    chunk = row_slice(_WORK["records"], start, end)
+    where = [_WORK["where"][i] for i in keep]
+    examples = _examples([chunk[i - start] for i in keep], where)
+    lengths = np.fromiter((len(e.input_ids) for e in examples), dtype=np.int64, count=len(examples))
+    ids = np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32, count=int(lengths.sum()))
+    labels = np.fromiter((t for e in examples for t in e.labels), dtype=np.int32, count=int(lengths.sum()))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else lengths
+    trained_at = np.flatnonzero(labels != IGNORE)
+    trained = np.add.reduceat((labels != IGNORE).astype(np.int64), starts) if len(labels) else lengths
+    first = trained_at[np.minimum(np.searchsorted(trained_at, starts), max(len(trained_at) - 1, 0))] \
+        if len(trained_at) else np.full(len(lengths), -1)
+    first = np.where((trained > 0) & (first >= starts), first - starts, -1)
+    return ids, labels, lengths.astype(np.int32), first, trained, where
+
+
+def _int32(values):
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values, dtype=np.int32)
+    return pa.Array.from_buffers(pa.int32(), len(values), [None, pa.py_buffer(values)])
 
 
 def _batch(out):
+    """A record batch of one tokenised chunk, built from buffers (``pa.array`` would import pandas)."""
     import pyarrow as pa
 
     ids, labels, lengths, first, trained, where = out
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32))
-    return pa.record_batch({
-        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids, type=pa.int32())),
-        "labels": pa.ListArray.from_arrays(offsets, pa.array(labels, type=pa.int32())),
-        "length": pa.array(lengths, type=pa.int32()),
-        "first_label": pa.array(first, type=pa.int32()),
-        "trained": pa.array(trained, type=pa.int32()),
-        "where": pa.array(where, type=pa.string()),
-    })
+    offsets = _int32(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
+    text = [w.encode() for w in where]
+    text_offsets = np.concatenate([[0], np.cumsum([len(t) for t in text], dtype=np.int64)]).astype(np.int32)
+    where_array = pa.Array.from_buffers(pa.string(), len(text), [None, pa.py_buffer(text_offsets),
+                                                                   pa.py_buffer(b"".join(text))])
+    lists = [pa.ListArray.from_arrays(offsets, _int32(column)) for column in (ids, labels)]
+    return pa.record_batch([*lists,
+                            _int32(lengths), _int32(first), _int32(trained), where_array],
+                           names=["input_ids", "labels", "length", "first_label", "trained", "where"])
 
 
 def _build(source: Source, fmt: str, bad: set[int], tokenizer, settings: dict, folder: Path, num_proc: int,

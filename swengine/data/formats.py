@@ -200,13 +200,32 @@ def _plain_example(tokenizer, prompt: str, answer: str, train_on_prompt: bool) -
     return Example(ids, labels)
 
 
+def text_examples(texts: list[str], tokenizer) -> list[Example]:
+    """Text-format examples, tokenised in one call (every token trained)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out = []
+    for ids in _encode(texts, tokenizer):
+        ids = bos + list(ids) + eos
+        out.append(Example(ids, list(ids)))
+    return out
+
+
+def _encode(texts: list[str], tokenizer) -> list[list[int]]:
+    """Token ids without special tokens: straight from a fast tokenizer's backend (several times
+    faster than the transformers call for short texts) when it agrees with that call on the first
+    text, else through the transformers call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and texts:
+        ids = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        if ids[0] == list(tokenizer(texts[0], add_special_tokens=False)["input_ids"]):
+            return ids
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 def to_example(record: dict, fmt: str, tokenizer, *, train_on_prompt: bool = False, text_field: str = "text") -> Example:
     if fmt == "text":
-        ids = tokenizer(record[text_field], add_special_tokens=False)["input_ids"]
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        ids = bos + ids + eos
-        return Example(ids, list(ids))
+        return text_examples([record[text_field]], tokenizer)[0]
     if fmt in ("messages", "sharegpt"):
         if not _has_template(tokenizer):
             raise UserError(f"{fmt}-format data needs a tokenizer with a chat template")

@@ -19,7 +19,7 @@ from swengine.data.formats import IGNORE
 def greedy_plan(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Documents in order, a new row when the next one does not fit: (order, offsets)."""
     offsets, used = [0], 0
-    for k, n in enumerate(np.minimum(lengths, seq_len).tolist()):
+    for k, n in enumerate(memoryview(np.minimum(lengths, seq_len).astype(np.int64))):  # no list of them all
         if used and used + n > seq_len:
             offsets.append(k)
             used = 0
