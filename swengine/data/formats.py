@@ -155,7 +155,9 @@ def _chat_example(tokenizer, messages: list[dict], train_on_prompt: bool) -> Exa
             continue
         before = tokenizer.apply_chat_template(messages[:i], tokenize=True, add_generation_prompt=True,
                                                return_dict=False) if i else []
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=False)
+        # up to the last message is the whole conversation: already rendered
+        upto = ids if i == len(messages) - 1 else tokenizer.apply_chat_template(messages[: i + 1], tokenize=True,
+                                                                                 return_dict=False)
         before = list(before["input_ids"] if isinstance(before, dict) else before)
         upto = list(upto["input_ids"] if isinstance(upto, dict) else upto)
         if ids[:len(before)] != before or ids[:len(upto)] != upto:
