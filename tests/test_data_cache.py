@@ -113,6 +113,16 @@ def test_num_proc_gives_the_same_tokens_and_the_progress_bar_is_on_stderr(tmp_pa
     assert "tokenising" in err and not out
 
 
+def test_bad_cache_settings_are_one_line(tmp_path, data, tok):
+    from swengine.errors import UserError
+
+    with pytest.raises(UserError, match="data.num_proc=0: it must be at least 1"):
+        prepare(cfg(tmp_path, num_proc=0), tok, str(data), "", 0)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="data.cache_dir .* cannot be created"):
+        prepare(cfg(tmp_path, cache_dir=str(tmp_path / "file" / "sub")), tok, str(data), "", 0)
+
+
 def test_eval_split_and_shuffle_follow_the_seed_from_the_cache(tmp_path, data, tok):
     a = prepare(cfg(tmp_path, eval_fraction=0.25, shuffle=True), tok, str(data), "", 1)
     b = prepare(cfg(tmp_path, eval_fraction=0.25, shuffle=True), tok, str(data), "", 1)

@@ -141,11 +141,13 @@ def prepare(cfg: DataConfig, tokenizer, train_path: str, eval_path: str, seed: i
     with data.mix). ``progress``: a progress bar on stderr while tokenising."""
     if cfg.chat_template:
         tokenizer = with_chat_template(tokenizer, cfg.chat_template)
+    if cfg.num_proc < 1:
+        raise UserError(f"data.num_proc={cfg.num_proc}: it must be at least 1 (the processes tokenising on a cache miss)")
     budget = [cfg.max_bad_rows]  # malformed records allowed across every source
 
     def load(spec: SourceSpec) -> Tokenised:
         t = tokenised(open_source(spec), tokenizer, requested_format=spec.format, train_on_prompt=cfg.train_on_prompt,
-                      cache_dir=cfg.cache_dir, num_proc=max(1, cfg.num_proc), progress=progress, max_bad=budget[0])
+                      cache_dir=cfg.cache_dir, num_proc=cfg.num_proc, progress=progress, max_bad=budget[0])
         budget[0] -= t.malformed
         return t
 
