@@ -182,14 +182,26 @@ def test_declared_dependencies_cover_every_third_party_import():
     assert "jsonschema" not in runtime  # only the tests validate schemas
 
 
-def test_auto_keeps_what_the_user_set_and_refuses_a_kept_setup_that_cannot_fit(capsys):
+def test_auto_keeps_what_the_user_set_and_refuses_a_kept_setup_that_cannot_fit(capsys, tmp_path):
     code, out, err = run(capsys, "train", "--auto", "--gpu", "rtx-4060", "--dry-run", "lora.rank=8",
                          "optim.name=adamw8bit")
     cfg = yaml.safe_load(out)
     assert code == 0 and cfg["lora"]["rank"] == 8 and cfg["optim"]["name"] == "adamw8bit"
-    assert "--auto keeps what you set:" in err and "optim.name=adamw8bit" in err
+    assert "--auto planned around what you set:" in err and "optim.name=adamw8bit" in err
+    # the search plans around them: the plan printed is the setup that runs
+    assert "optimizer adamw8bit (as you set)" in err and "LoRA rank 8 (as requested)" in err
+    minimal = tmp_path / "min.yaml"  # the demo model and data; rank, alpha, batch... left to the planner
+    minimal.write_text(f"output_dir: {tmp_path / 'run'}\n")
+    code, out, err = run(capsys, "train", str(minimal), "--auto", "--gpu", "rtx-4060", "--dry-run",
+                         "schedule.micro_batch_size=2", "checkpointing.gradient_checkpointing=true")
+    cfg = yaml.safe_load(out)
+    assert code == 0 and cfg["schedule"]["micro_batch_size"] == 2 and cfg["checkpointing"]["gradient_checkpointing"]
+    assert "micro-batch 2 (as you set)" in err and "gradient checkpointing on (as you set)" in err
+    changed = err.split("--auto changed (keys you did not set):")[1].split("--auto planned around")[0]
+    assert "lora.rank" in changed and "->" in changed and "schedule.micro_batch_size" not in changed
     code, out, err = run(capsys, "train", "--auto", "--gpu", "rtx-4060", "--dry-run", "schedule.micro_batch_size=512",
-                         "data.max_seq_len=512")
+                         "data.max_seq_len=512", "checkpointing.gradient_checkpointing=false")
     assert code == 2 and out == ""
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: --auto: the setup you set needs") and "the closest setup that fits:" in last
+    assert last.startswith("error: --auto: the setup you set (micro_batch=512") and "needs at least" in last
+    assert "the closest setup that fits:" in last

@@ -60,7 +60,8 @@ def resolve_gpu(gpu: str | None, vram_gib: float | None) -> tuple[str, int, GPUP
 def make_plan(model: str, *, gpu: str | None = None, vram_gib: float | None = None, seq_len: int = 2048,
               batch: int = 16, rank: int | None = None, qlora: bool | None = None, teacher: str | None = None,
               teacher_quant: str = "none", lora_impl: str = "swkernels", loss: str = "fused",
-              want_max_context: bool = False, prefer: str = "speed", alternatives: int = 3) -> Plan:
+              want_max_context: bool = False, prefer: str = "speed", alternatives: int = 3,
+              fixed: dict | None = None) -> Plan:
     from swengine.model.config import load_model_config
 
     config = load_model_config(model)
@@ -79,7 +80,7 @@ def make_plan(model: str, *, gpu: str | None = None, vram_gib: float | None = No
                  teacher=Teacher(teacher, teacher_quant) if teacher else None)
     result = plan(config, model, gpu=name, vram_bytes=vram, seq_len=seq_len, effective_batch=batch, rank=rank,
                   qlora=qlora, base=base, speed=speed_model.model_for(profile, lora_impl), prefer=prefer,
-                  alternatives=alternatives)
+                  alternatives=alternatives, fixed=fixed)
     if profile is None:  # a bare --vram: the speed model only ranks, its tokens/s mean nothing
         result.tokens_per_second = None
         for alt in result.alternatives:

@@ -64,11 +64,20 @@ class Plan:
         return self.estimate.setup if self.estimate else None
 
 
-def _candidates(base: Setup, rank: int | None, allow_qlora: bool, force_qlora: bool, effective_batch: int):
+def _candidates(base: Setup, rank: int | None, allow_qlora: bool, force_qlora: bool, effective_batch: int,
+                fixed: dict):
+    """Every setup the search weighs. ``fixed`` (Setup field → value: quant, checkpointing,
+    optimizer, micro_batch) pins what the user chose; the search varies the rest."""
     ranks = (rank,) if rank else RANKS
     quants = ("nf4-dq",) if force_qlora else (("none", "nf4-dq") if allow_qlora else ("none",))
-    micro = [m for m in MICRO_BATCHES if m <= effective_batch]
-    for r, q, ck, opt, mb in itertools.product(ranks, quants, (False, True), ("adamw", "adamw8bit"), micro):
+    options = {"quant": quants, "checkpointing": (False, True), "optimizer": ("adamw", "adamw8bit"),
+               "micro_batch": [m for m in MICRO_BATCHES if m <= effective_batch]}
+    unknown = set(fixed) - set(options)
+    if unknown:
+        raise ValueError(f"cannot pin {sorted(unknown)}; pin one of {sorted(options)}")
+    for key, value in fixed.items():
+        options[key] = (value,)
+    for r, q, ck, opt, mb in itertools.product(ranks, *options.values()):
         yield base.with_(lora_rank=r, quant=q, checkpointing=ck, optimizer=opt, micro_batch=mb)
 
 
@@ -86,12 +95,13 @@ class _Scored:
 def plan(config: PretrainedConfig, model_name: str, *, gpu: str, vram_bytes: int, seq_len: int,
          effective_batch: int = 16, rank: int | None = None, qlora: bool | None = None,
          base: Setup | None = None, speed: SpeedModel | None = None, prefer: str = "speed",
-         alternatives: int = 3) -> Plan:
+         alternatives: int = 3, fixed: dict | None = None) -> Plan:
     """The fastest (``prefer="memory"``: the smallest) setup whose total VRAM fits
     ``SAFETY_MARGIN`` of the card, and the best ``alternatives`` of other kinds.
 
     ``qlora``: True forces NF4, False forbids it, None lets the search decide. ``speed``: the speed
-    model (default: generic coefficients of an unknown GPU)."""
+    model (default: generic coefficients of an unknown GPU). ``fixed``: fields of the setup the
+    user chose (``--auto`` keeps them), see :func:`_candidates`."""
     if effective_batch < 1:
         raise UserError(f"effective batch must be >= 1 (got {effective_batch})")
     if prefer not in PREFERENCES:
@@ -101,7 +111,8 @@ def plan(config: PretrainedConfig, model_name: str, *, gpu: str, vram_bytes: int
     budget = int(vram_bytes * SAFETY_MARGIN)
     fitting: list[_Scored] = []
     smallest: Estimate | None = None
-    for cand in _candidates(base, rank, qlora is not False, qlora is True, effective_batch):
+    fixed = dict(fixed or {})
+    for cand in _candidates(base, rank, qlora is not False, qlora is True, effective_batch, fixed):
         est = estimate(config, cand, model_name)
         if smallest is None or est.total_vram < smallest.total_vram:
             smallest = est
@@ -114,7 +125,10 @@ def plan(config: PretrainedConfig, model_name: str, *, gpu: str, vram_bytes: int
     if not fitting:
         result.estimate = smallest
         result.minimum_vram_bytes = math.ceil(smallest.total_vram / SAFETY_MARGIN)
+        pinned = ", ".join(f"{k}={v}" for k, v in fixed.items())
         result.reasons.append(
+            f"nothing fits in {vram_bytes / GiB:.1f} GiB at seq_len {seq_len} with {pinned}: the smallest such "
+            f"setup needs {smallest.total_vram / GiB:.2f} GiB" if fixed else
             f"nothing fits in {vram_bytes / GiB:.1f} GiB at seq_len {seq_len}: the smallest setup "
             f"(rank {smallest.setup.lora_rank}, {smallest.setup.quant}, checkpointing, {smallest.setup.optimizer}, "
             f"micro-batch 1) needs {smallest.total_vram / GiB:.2f} GiB, so at least "
@@ -129,7 +143,7 @@ def plan(config: PretrainedConfig, model_name: str, *, gpu: str, vram_bytes: int
     result.tokens_per_second = chosen.tokens_per_second
     result.grad_accumulation = chosen.grad_accumulation
     result.alternatives = _alternatives(fitting, chosen, prefer, rank, speed, alternatives)
-    result.reasons += _explain(chosen, fitting, budget, rank, prefer, speed)
+    result.reasons += _explain(chosen, fitting, budget, rank, prefer, speed, fixed)
     return result
 
 
@@ -189,18 +203,23 @@ def _why_not(c: _Scored, chosen: _Scored, prefer: str, speed: SpeedModel) -> str
                 "and win until measured steps on this GPU architecture say otherwise")
     if pct >= 0.5:
         return f"{pct:.0f}% slower" + (f", and needs {gib:.2f} GiB more" if gib > 0 else "")
-    if pct > -0.5:
-        return f"as fast, needs {gib:.2f} GiB more" if gib > 0 else (
-            "as fast; 8-bit optimizer states are an approximation" if c.setup.optimizer != "adamw" else "as fast")
+    if pct > -0.5:  # a tie on speed: say what broke it
+        if c.setup.quant != "none" and chosen.setup.quant == "none":
+            return "as fast; bf16 base weights are exact"
+        if c.setup.optimizer != "adamw" and chosen.setup.optimizer == "adamw":
+            return "as fast; 8-bit optimizer states are an approximation"
+        return f"as fast, needs {gib:.2f} GiB more" if gib > 0 else "as fast"
     return f"{-pct:.0f}% faster, but needs {gib:.2f} GiB more" if gib > 0 else f"{-pct:.0f}% faster"
 
 
 def _explain(chosen: _Scored, fitting: list[_Scored], budget: int, rank: int | None, prefer: str,
-             speed: SpeedModel) -> list[str]:
+             speed: SpeedModel, fixed: dict) -> list[str]:
     s = chosen.setup
     bf16 = [c for c in fitting if c.setup.quant == "none"]
     why = []
-    if s.quant == "none":
+    if "quant" in fixed:
+        why.append(f"{'bf16' if s.quant == 'none' else s.quant} base weights (as you set)")
+    elif s.quant == "none":
         why.append("bf16 base weights fit, so no NF4 (exact, and no dequantisation)")
     elif bf16 and prefer == "memory":
         why.append("NF4 base weights: the smallest peak (--prefer memory)")
@@ -212,21 +231,27 @@ def _explain(chosen: _Scored, fitting: list[_Scored], budget: int, rank: int | N
         why.append("NF4 (QLoRA) base weights: the bf16 weights do not fit with any setup")
     if prefer == "memory":
         why.append("--prefer memory: the smallest peak at this rank, the fastest among equals")
-    if not s.checkpointing:
+    if "checkpointing" in fixed:
+        why.append(f"gradient checkpointing {'on' if s.checkpointing else 'off'} (as you set)")
+    elif not s.checkpointing:
         why.append("no gradient checkpointing: activations fit, saving the recompute (~1/3 of the step)")
     elif any(not c.setup.checkpointing and c.setup.quant == s.quant for c in fitting) and prefer == "speed":
         why.append("gradient checkpointing per decoder layer: it frees room for a larger micro-batch, faster here")
     elif prefer == "speed":
         why.append("gradient checkpointing per decoder layer: without it the activations do not fit")
-    if s.micro_batch > 1:
+    if "micro_batch" in fixed:
+        why.append(f"micro-batch {s.micro_batch} (as you set)")
+    elif s.micro_batch > 1:
         why.append(f"micro-batch {s.micro_batch}" + (": the fastest that fits" if prefer == "speed" else ""))
     else:
         why.append("micro-batch 1" + (": a larger one does not fit or is not faster" if prefer == "speed" else ""))
-    if s.optimizer != "adamw":
+    if "optimizer" in fixed:
+        why.append(f"optimizer {s.optimizer} (as you set)")
+    elif s.optimizer != "adamw":
         why.append("8-bit AdamW: fp32 optimizer states would not fit" if prefer == "speed"
                    else "8-bit AdamW: a quarter of the optimizer-state bytes")
     why.append(f"LoRA rank {s.lora_rank}" + (" (as requested)" if rank else
-                                                " (rank costs little speed; the largest up to 64 that fits)"))
+                                                " (a quality choice: the largest up to 64 within 10% of the fastest setup's speed)"))
     why.append(f"peak {chosen.estimate.total_vram / GiB:.2f} GiB of a {budget / GiB:.2f} GiB budget "
                f"(phase: {chosen.estimate.peak_phase})")
     why.append(f"speed model: {speed.source}")

@@ -34,7 +34,7 @@ def notice(message: str) -> None:
         typer.echo(message, err=True)
 
 
-def _plan(cfg: TrainConfig, gpu: str | None, seq_len: int, rank: int | None = None):
+def _plan(cfg: TrainConfig, gpu: str | None, seq_len: int, rank: int | None = None, fixed: dict | None = None):
     from swengine.model import load as model_load
     from swengine.planner.cli import make_plan
 
@@ -47,17 +47,53 @@ def _plan(cfg: TrainConfig, gpu: str | None, seq_len: int, rank: int | None = No
                      qlora=True if cfg.quantization.load_in_4bit else None, lora_impl=cfg.lora.impl,
                      loss="fused" if cfg.fused_loss else "unfused",
                      teacher=model_load.model_path(d.teacher) if d.teacher else None,
-                     teacher_quant="nf4-dq" if d.teacher_4bit else "none")
+                     teacher_quant="nf4-dq" if d.teacher_4bit else "none", fixed=fixed)
+
+
+# the config keys --auto sets, and the word of the plan's reasons that explains each
+PLANNED = {"lora.rank": "LoRA rank", "lora.alpha": "LoRA rank", "schedule.micro_batch_size": "micro-batch",
+           "schedule.grad_accumulation": "micro-batch", "checkpointing.gradient_checkpointing": "checkpointing",
+           "optim.name": "optimizer", "quantization.load_in_4bit": "base weights",
+           "quantization.double_quant": "base weights"}
+
+
+def _pinned(cfg: TrainConfig, explicit: set[str] | frozenset) -> dict:
+    """The setup fields the user fixed by writing their keys: the planner plans around them."""
+    fixed = {}
+    if "schedule.micro_batch_size" in explicit:
+        fixed["micro_batch"] = cfg.schedule.micro_batch_size
+    if "checkpointing.gradient_checkpointing" in explicit:
+        fixed["checkpointing"] = cfg.checkpointing.gradient_checkpointing
+    if "optim.name" in explicit:
+        fixed["optimizer"] = cfg.optim.name
+    if "quantization.load_in_4bit" in explicit:
+        q = cfg.quantization
+        fixed["quant"] = ("nf4-dq" if q.double_quant else "nf4") if q.load_in_4bit else "none"
+    return fixed
 
 
 def apply_plan(cfg: TrainConfig, gpu: str | None, explicit: set[str] | frozenset = frozenset()) -> None:
     """Ask the planner for this GPU (at the longest training length) and write its choices into
-    the config, except the keys the user wrote (``explicit``). The plan table goes to stderr, so
-    ``--auto --dry-run`` prints pure YAML on stdout."""
+    the config. Keys the user wrote (``explicit``) are constraints the search plans around; a
+    kept setup that cannot fit is an error naming the closest one that does. The plan and the
+    table of what --auto changed go to stderr, so ``--auto --dry-run`` prints pure YAML on stdout."""
     from swengine.planner.report import render
+    from swengine.planner.search import GiB
 
     rank = cfg.lora.rank if "lora.rank" in explicit else None
-    result = _plan(cfg, gpu, cfg.data.max_seq_len, rank)
+    fixed = _pinned(cfg, explicit)
+    result = _plan(cfg, gpu, cfg.data.max_seq_len, rank, fixed)
+    if not result.fits and fixed:
+        free = _plan(cfg, gpu, cfg.data.max_seq_len, rank)  # the closest: the rest free, the rank kept
+        if free.fits:
+            s = free.setup
+            raise UserError(f"--auto: the setup you set ({', '.join(f'{k}={v}' for k, v in fixed.items())}) needs at "
+                            f"least {result.estimate.total_vram / GiB:.2f} GiB, more than the usable "
+                            f"{free.vram_bytes * 0.95 / GiB:.2f} GiB on {free.gpu}; the closest setup that fits: "
+                            f"lora.rank={s.lora_rank} schedule.micro_batch_size={s.micro_batch} "
+                            f"schedule.grad_accumulation={free.grad_accumulation} "
+                            f"checkpointing.gradient_checkpointing={str(s.checkpointing).lower()} "
+                            f"quantization.load_in_4bit={str(s.quant != 'none').lower()} optim.name={s.optimizer}")
     notice(render(result))
     if not result.fits:
         raise UserError(f"the planner finds no setup that fits: {result.reasons[0]}")
@@ -66,40 +102,25 @@ def apply_plan(cfg: TrainConfig, gpu: str | None, explicit: set[str] | frozenset
                "schedule.micro_batch_size": s.micro_batch, "schedule.grad_accumulation": result.grad_accumulation,
                "checkpointing.gradient_checkpointing": s.checkpointing, "optim.name": s.optimizer,
                "quantization.load_in_4bit": s.quant != "none", "quantization.double_quant": s.quant == "nf4-dq"}
-    kept = []
+    changed, kept = [], []
     for key, value in choices.items():
         section, name = key.split(".")
+        before = getattr(getattr(cfg, section), name)
         if key in explicit:
-            if getattr(getattr(cfg, section), name) != value:
-                kept.append(f"{key}={getattr(getattr(cfg, section), name)} (plan: {value})")
-        else:
+            kept.append(f"{key}={before}")
+        elif before != value:
             setattr(getattr(cfg, section), name, value)
+            if key == "quantization.double_quant" and s.quant == "none":
+                continue  # no NF4: double quant means nothing, not worth a line
+            why = next((r for r in result.reasons if PLANNED[key].lower() in r.lower()
+                        or (key == "optim.name" and "adamw" in r.lower())), "")
+            changed.append((key, str(before), str(value), why))
+    if changed:
+        width = max(len(k) for k, *_ in changed)
+        rows = [f"  {k:<{width}}  {b:>8} -> {v:<8}  {why}" for k, b, v, why in changed]
+        notice("--auto changed (keys you did not set):\n" + "\n".join(rows))
     if kept:
-        notice(f"--auto keeps what you set: {', '.join(kept)}")
-        _check_kept_setup_fits(cfg, result)
-
-
-def _check_kept_setup_fits(cfg: TrainConfig, result) -> None:
-    """Values the user set are constraints: the setup they make, with the planner's other choices,
-    must fit the card; if not, one line naming the closest setup that does."""
-    from swengine.model import load as model_load
-    from swengine.model.config import load_model_config
-    from swengine.planner.analytic import estimate
-    from swengine.planner.search import SAFETY_MARGIN, GiB
-
-    s = result.setup
-    quant = ("nf4-dq" if cfg.quantization.double_quant else "nf4") if cfg.quantization.load_in_4bit else "none"
-    mine = s.with_(micro_batch=cfg.schedule.micro_batch_size, lora_rank=cfg.lora.rank, quant=quant,
-                   checkpointing=cfg.checkpointing.gradient_checkpointing, optimizer=cfg.optim.name)
-    need = estimate(load_model_config(model_load.model_path(cfg.model.path)), mine).total_vram
-    budget = result.vram_bytes * SAFETY_MARGIN
-    if need > budget:
-        raise UserError(f"--auto: the setup you set needs {need / GiB:.2f} GiB, more than the {budget / GiB:.2f} GiB "
-                        f"usable on {result.gpu}; the closest setup that fits: lora.rank={s.lora_rank} "
-                        f"schedule.micro_batch_size={s.micro_batch} schedule.grad_accumulation="
-                        f"{result.grad_accumulation} checkpointing.gradient_checkpointing="
-                        f"{str(s.checkpointing).lower()} quantization.load_in_4bit={str(s.quant != 'none').lower()} "
-                        f"optim.name={s.optimizer}")
+        notice(f"--auto planned around what you set: {', '.join(kept)}")
 
 
 def phase_planner(cfg: TrainConfig, gpu: str | None):
@@ -211,7 +232,7 @@ def run_train(args: list[str], resume: str | None, auto: bool | None, gpu: str |
         raise UserError(f"distributed.timeout_s must be >= 1 second (got {cfg.distributed.timeout_s})")
     from swengine.train import distributed
 
-    dist = distributed.init(cfg.distributed.timeout_s)
+    dist = distributed.init(cfg.distributed.timeout_s, cfg.distributed.strategy)
     try:
         result = Trainer(cfg, resume=resume, log=notice, overwrite=overwrite, explicit=explicit,
                          plan_for=plan_for, dist=dist).run()
