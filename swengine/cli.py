@@ -136,6 +136,8 @@ def train(
     auto: bool = typer.Option(False, "--auto", help="Let the VRAM planner pick rank, micro-batch, accumulation "
                               "and checkpointing for the GPU."),
     gpu: str = typer.Option(None, "--gpu", help="With --auto: plan for this GPU instead of the detected one."),
+    prefer: Literal["speed", "memory"] = typer.Option(None, "--prefer", help="With --auto: speed (default, the most "
+                                                      "tokens/s that fits) or memory (the smallest peak)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config (and plan) and stop."),
     strict_kernels: bool = typer.Option(False, "--strict-kernels", help="Fail instead of warning when a layer "
                                         "cannot run on swkernels (same as model.strict_kernels=true)."),
@@ -170,7 +172,7 @@ def train(
         launch(nproc, ARGV or sys.argv[1:])
     run_train(args or [], resume=resume, auto=auto or None, gpu=gpu, dry_run=dry_run,
               strict_kernels=strict_kernels, overwrite=overwrite, context=context, rope_scaling=rope_scaling,
-              teacher=teacher, on_alert=on_alert)
+              teacher=teacher, on_alert=on_alert, prefer=prefer)
 
 
 @app.command()

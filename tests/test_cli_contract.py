@@ -199,6 +199,12 @@ def test_auto_keeps_what_the_user_set_and_refuses_a_kept_setup_that_cannot_fit(c
     assert "micro-batch 2 (as you set)" in err and "gradient checkpointing on (as you set)" in err
     changed = err.split("--auto changed (keys you did not set):")[1].split("--auto planned around")[0]
     assert "lora.rank" in changed and "->" in changed and "schedule.micro_batch_size" not in changed
+    code, out, err = run(capsys, "train", str(minimal), "--auto", "--prefer", "memory", "--gpu", "rtx-4060",
+                         "--dry-run")
+    small = yaml.safe_load(out)
+    assert code == 0 and small["checkpointing"]["gradient_checkpointing"] and "--prefer memory" in err
+    code, _, err = run(capsys, "train", "--prefer", "memory", "--dry-run")
+    assert code == 2 and "--prefer only applies with --auto" in err
     code, out, err = run(capsys, "train", "--auto", "--gpu", "rtx-4060", "--dry-run", "schedule.micro_batch_size=512",
                          "data.max_seq_len=512", "checkpointing.gradient_checkpointing=false")
     assert code == 2 and out == ""

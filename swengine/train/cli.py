@@ -34,7 +34,8 @@ def notice(message: str) -> None:
         typer.echo(message, err=True)
 
 
-def _plan(cfg: TrainConfig, gpu: str | None, seq_len: int, rank: int | None = None, fixed: dict | None = None):
+def _plan(cfg: TrainConfig, gpu: str | None, seq_len: int, rank: int | None = None, fixed: dict | None = None,
+          prefer: str = "speed"):
     from swengine.model import load as model_load
     from swengine.planner.cli import make_plan
 
@@ -47,7 +48,7 @@ def _plan(cfg: TrainConfig, gpu: str | None, seq_len: int, rank: int | None = No
                      qlora=True if cfg.quantization.load_in_4bit else None, lora_impl=cfg.lora.impl,
                      loss="fused" if cfg.fused_loss else "unfused",
                      teacher=model_load.model_path(d.teacher) if d.teacher else None,
-                     teacher_quant="nf4-dq" if d.teacher_4bit else "none", fixed=fixed)
+                     teacher_quant="nf4-dq" if d.teacher_4bit else "none", fixed=fixed, prefer=prefer)
 
 
 # the config keys --auto sets, and the word of the plan's reasons that explains each
@@ -72,7 +73,8 @@ def _pinned(cfg: TrainConfig, explicit: set[str] | frozenset) -> dict:
     return fixed
 
 
-def apply_plan(cfg: TrainConfig, gpu: str | None, explicit: set[str] | frozenset = frozenset()) -> None:
+def apply_plan(cfg: TrainConfig, gpu: str | None, explicit: set[str] | frozenset = frozenset(),
+               prefer: str = "speed") -> None:
     """Ask the planner for this GPU (at the longest training length) and write its choices into
     the config. Keys the user wrote (``explicit``) are constraints the search plans around; a
     kept setup that cannot fit is an error naming the closest one that does. The plan and the
@@ -82,7 +84,7 @@ def apply_plan(cfg: TrainConfig, gpu: str | None, explicit: set[str] | frozenset
 
     rank = cfg.lora.rank if "lora.rank" in explicit else None
     fixed = _pinned(cfg, explicit)
-    result = _plan(cfg, gpu, cfg.data.max_seq_len, rank, fixed)
+    result = _plan(cfg, gpu, cfg.data.max_seq_len, rank, fixed, prefer)
     if not result.fits and fixed:
         free = _plan(cfg, gpu, cfg.data.max_seq_len, rank)  # the closest: the rest free, the rank kept
         if free.fits:
@@ -123,13 +125,13 @@ def apply_plan(cfg: TrainConfig, gpu: str | None, explicit: set[str] | frozenset
         notice(f"--auto planned around what you set: {', '.join(kept)}")
 
 
-def phase_planner(cfg: TrainConfig, gpu: str | None):
+def phase_planner(cfg: TrainConfig, gpu: str | None, prefer: str = "speed"):
     """--auto with context phases: the planner's micro-batch, accumulation and checkpointing for
     each phase's length, at the run's LoRA rank."""
     from swengine.train.phases import PhaseSetup
 
     def plan_for(seq_len: int) -> PhaseSetup:
-        result = _plan(cfg, gpu, seq_len, cfg.lora.rank)
+        result = _plan(cfg, gpu, seq_len, cfg.lora.rank, prefer=prefer)
         if not result.fits:
             raise UserError(f"the planner finds no setup for the {seq_len}-token phase: {result.reasons[0]}")
         notice(f"--auto: {seq_len}-token phase: micro-batch {result.setup.micro_batch} × accumulation "
@@ -198,7 +200,8 @@ def _rotary_half_dim(cfg: TrainConfig) -> int:
 
 def run_train(args: list[str], resume: str | None, auto: bool | None, gpu: str | None, dry_run: bool,
               strict_kernels: bool = False, overwrite: bool = False, context: int | None = None,
-              rope_scaling: str | None = None, teacher: str | None = None, on_alert: str | None = None) -> None:
+              rope_scaling: str | None = None, teacher: str | None = None, on_alert: str | None = None,
+              prefer: str | None = None) -> None:
     from swengine.train.trainer import Trainer
 
     path, overrides = split_args(args)
@@ -216,11 +219,11 @@ def run_train(args: list[str], resume: str | None, auto: bool | None, gpu: str |
                f"{given['data.max_seq_len']} is replaced by the target {cfg.context.phases[-1]}")
     plan_for = None
     if auto or cfg.auto:
-        apply_plan(cfg, gpu, explicit)
+        apply_plan(cfg, gpu, explicit, prefer or "speed")
         if cfg.context.phases:
-            plan_for = phase_planner(cfg, gpu)
-    elif gpu:
-        raise UserError("--gpu only applies with --auto")
+            plan_for = phase_planner(cfg, gpu, prefer or "speed")
+    elif gpu or prefer:
+        raise UserError(f"{'--gpu' if gpu else '--prefer'} only applies with --auto")
     if dry_run:
         if plan_for is not None:
             from swengine.train.phases import describe, resolve
