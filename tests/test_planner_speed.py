@@ -81,11 +81,14 @@ def test_a_measured_table_is_scaled_to_another_gpu_of_its_architecture():
     assert other.coef["flops"] == pytest.approx(1e-14 * 165.2 / 30.3)
     assert other.coef["nf4"] == pytest.approx(1e-11 * 1008 / 272) and other.coef["calls"] == 1e-4
     assert not speed.model_for(GPU_PROFILES["rtx-3090"], "swkernels", tables).measured  # sm_86: none
+    # a bare --vram (no known GPU) is planned with generic GPU figures, never with the CPU table
+    assert not speed.model_for(None, "swkernels", {"cpu": tables["sm_89"]}).measured
 
 
 def test_the_shipped_cpu_table_is_a_real_fit():
     entry = speed.load_tables()["cpu"]["swkernels"]
     assert len(entry["samples"]) >= 20 and entry["coef"]["flops"] > 0
+    assert speed.cpu_model().coef == entry["coef"] and speed.cpu_model().measured
     refit = speed.fit([s["features"] for s in entry["samples"]], [s["seconds"] for s in entry["samples"]])
     assert refit == pytest.approx(entry["coef"], rel=1e-6)
 

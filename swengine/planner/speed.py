@@ -144,25 +144,38 @@ def generic(profile, lora_impl: str) -> SpeedModel:
 
 
 def model_for(profile, lora_impl: str, tables: dict | None = None) -> SpeedModel:
-    """The measured table of the GPU's architecture (scaled from the GPU it was measured on by
-    tensor TFLOP/s and bandwidth), else the generic coefficients. ``profile`` None: the CPU."""
+    """The speed model for planning on a GPU: the measured table of its architecture (scaled from
+    the GPU it was measured on by tensor TFLOP/s and bandwidth), else generic coefficients from its
+    published figures (``profile`` None: an unknown GPU, generic figures)."""
     from swengine.hardware import profile_for
 
+    if profile is None:
+        return generic(None, lora_impl)
     tables = load_tables() if tables is None else tables
-    key = device_key(profile.capability if profile else None)
-    entry = tables.get(key, {}).get(lora_impl)
+    entry = tables.get(device_key(profile.capability), {}).get(lora_impl)
     if entry is None:
-        if profile is None:
-            raise ValueError(f"no measured CPU speed table for lora_impl={lora_impl}; run tools/calibrate_speed.py")
         return generic(profile, lora_impl)
     coef = dict(entry["coef"])
-    ref = profile_for(entry.get("device", "")) if profile is not None else None
-    if profile is not None and ref is not None and ref.key != profile.key:
+    ref = profile_for(entry.get("device", ""))
+    if ref is not None and ref.key != profile.key:
         compute, memory = ref.tensor_tflops / profile.tensor_tflops, ref.mem_gbps / profile.mem_gbps
         coef = {k: v * (compute if k == "flops" else memory if k in ("weights", "nf4", "params") else 1.0)
                 for k, v in coef.items()}
-    where = f"measured on {entry.get('device', key)} ({entry.get('date', '?')}, {len(entry.get('samples', []))} steps)"
-    return SpeedModel(coef, where, measured=True)
+    return _measured(entry, coef)
+
+
+def cpu_model(lora_impl: str = "swkernels", tables: dict | None = None) -> SpeedModel:
+    """The measured CPU table (what the CPU-side tests and tools fit and check)."""
+    tables = load_tables() if tables is None else tables
+    entry = tables.get("cpu", {}).get(lora_impl)
+    if entry is None:
+        raise ValueError(f"no measured CPU speed table for lora_impl={lora_impl}; run tools/calibrate_speed.py")
+    return _measured(entry, dict(entry["coef"]))
+
+
+def _measured(entry: dict, coef: dict[str, float]) -> SpeedModel:
+    return SpeedModel(coef, f"measured on {entry.get('device', '?')} ({entry.get('date', '?')}, "
+                            f"{len(entry.get('samples', []))} steps)", measured=True)
 
 
 # ---------------------------------------------------------------- measuring real steps
