@@ -216,13 +216,13 @@ def text_examples(texts: list[str], tokenizer) -> list[Example]:
 def _encode(texts: list[str], tokenizer) -> list[list[int]]:
     """Token ids without special tokens: straight from a fast tokenizer's backend (several times
     faster than the transformers call for short texts) when it agrees with that call on the first
-    text, else through the transformers call."""
+    text, else one text at a time through the tokenizer's call."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and texts:
         ids = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
         if ids[0] == list(tokenizer(texts[0], add_special_tokens=False)["input_ids"]):
             return ids
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
 
 def to_example(record: dict, fmt: str, tokenizer, *, train_on_prompt: bool = False, text_field: str = "text") -> Example:

@@ -113,7 +113,8 @@ def open_source(spec: SourceSpec) -> Source:
         return Source(spec, "directory" if p.is_dir() else "file", spec.path, h.hexdigest())
     if HUB_ID.match(spec.path) and not spec.path.startswith((".", "~")):
         return _datasets_source(spec, "hub")
-    raise UserError(f"dataset {spec.path} not found; set data.train=<a .jsonl/.json/.parquet/.txt file, a directory "
+    what = "dataset file" if p.suffix.lower() in SUFFIXES else "dataset"
+    raise UserError(f"{what} {spec.path} not found; set data.train=<a .jsonl/.json/.parquet/.txt file, a directory "
                     "of them, a datasets.save_to_disk folder or a Hub dataset id org/name>")
 
 
