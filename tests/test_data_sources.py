@@ -132,3 +132,20 @@ def test_malformed_rows_in_every_source_kind_are_exit_2_from_the_cli(tmp_path, t
                                          f"output_dir={tmp_path / 'out'}", "schedule.max_steps=1", "data.max_seq_len=64"])
         assert code == 2 and where in err and "field 'text' is null" in err, err
         assert len(err.strip().splitlines()) == 1
+
+
+def test_training_from_a_saved_dataset_through_the_cli(tmp_path, tiny_llama, capsys):
+    import datasets
+    import torch
+
+    from swengine.telemetry.logger import read_events
+
+    torch.set_num_threads(1)
+    datasets.Dataset.from_list(ALPACA * 3).save_to_disk(str(tmp_path / "saved"))
+    code, _, err = run_main(capsys, ["train", f"model.path={tiny_llama}", f"data.train={tmp_path / 'saved'}",
+                                     f"output_dir={tmp_path / 'out'}", "schedule.max_steps=1", "data.max_seq_len=64",
+                                     "schedule.micro_batch_size=2", "logging.eval_every=0", "data.num_proc=2"])
+    assert code == 0, err
+    assert "(alpaca," in err and "tokenised 36 records in" in err
+    (start,) = read_events(tmp_path / "out" / "metrics.jsonl", "run_start")
+    assert start["data_format"] == "alpaca" and start["data_cache"].startswith("tokenised 36 records")
