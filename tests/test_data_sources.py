@@ -75,6 +75,8 @@ def test_a_hub_layout_folder_stands_in_for_a_hub_id(tmp_path, tok):
     assert len(prepare(cfg(split="test"), tok, str(repo), "", 0).train) == 5
     with pytest.raises(UserError, match="check the path, data.subset and data.split"):
         prepare(cfg(split="nope"), tok, str(repo), "", 0)
+    with pytest.raises(UserError, match="dataset file data/missing.jsonl not found"):  # a typo, not a Hub id
+        open_source(SourceSpec("data/missing.jsonl"))
     # a plain directory of files (no data/ split layout) is still read file by file
     write_jsonl(tmp_path / "plain" / "train.jsonl", TEXT)
     assert open_source(SourceSpec(str(tmp_path / "plain"))).kind == "directory"

@@ -111,7 +111,7 @@ def open_source(spec: SourceSpec) -> Source:
         for f in ([p] if p.is_file() else _data_files(p)):
             _hash_file(h, f)
         return Source(spec, "directory" if p.is_dir() else "file", spec.path, h.hexdigest())
-    if HUB_ID.match(spec.path) and not spec.path.startswith((".", "~")):
+    if HUB_ID.match(spec.path) and not spec.path.startswith((".", "~")) and p.suffix.lower() not in SUFFIXES:
         return _datasets_source(spec, "hub")
     what = "dataset file" if p.suffix.lower() in SUFFIXES else "dataset"
     raise UserError(f"{what} {spec.path} not found; set data.train=<a .jsonl/.json/.parquet/.txt file, a directory "
