@@ -8,6 +8,7 @@ dropped records are counted (``Prepared.truncated`` / ``Prepared.dropped``) and
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -101,7 +102,9 @@ def _split(t: Tokenised, cfg: DataConfig, seed: int, has_eval: bool) -> tuple[np
     n = len(t.store)
     if has_eval or cfg.eval_fraction <= 0 or n < 2:
         return np.arange(n, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    order = np.random.default_rng(seed).permutation(n)  # numpy throughout: a few bytes per example
+    order = list(range(n))
+    random.Random(seed).shuffle(order)  # the order releases before the cache drew: resumes across them match
+    order = np.asarray(order, dtype=np.int64)
     n_eval = max(1, int(n * cfg.eval_fraction))
     return order[n_eval:], order[:n_eval]
 
@@ -172,7 +175,9 @@ def prepare(cfg: DataConfig, tokenizer, train_path: str, eval_path: str, seed: i
         raise _no_training_rows(train, cfg)
     for k, p in enumerate(train):
         if cfg.shuffle:
-            p.idx = np.random.default_rng([seed, k]).permutation(p.idx)
+            order = p.idx.tolist()
+            random.Random(seed + k).shuffle(order)
+            p.idx = np.asarray(order, dtype=np.int64)
     if cfg.mix:
         src, idx = interleave([p.idx for p in train], [m.weight for m in cfg.mix], seed)
     else:
