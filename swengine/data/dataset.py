@@ -167,12 +167,9 @@ def prepare(cfg: DataConfig, tokenizer, train_path: str, eval_path: str, seed: i
     parts = [load(s) for s in specs]
     splits = [_split(t, cfg, seed + k, bool(eval_path)) for k, t in enumerate(parts)]
     train = [_fit(t, tr, cfg, "training") for t, (tr, _) in zip(parts, splits, strict=True)]
-    if cfg.mix:
-        empty = [p.source.name for p in train if not len(p.idx)]
-        if empty:
-            raise _no_training_rows([p for p in train if not len(p.idx)], cfg)
-    elif not len(train[0].idx):
-        raise _no_training_rows(train, cfg)
+    empty = [p for p in train if not len(p.idx)]  # with data.mix: every source must give some
+    if empty:
+        raise _no_training_rows(empty, cfg)
     for k, p in enumerate(train):
         if cfg.shuffle:
             order = p.idx.tolist()
