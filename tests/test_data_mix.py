@@ -125,3 +125,18 @@ def test_resume_inside_a_mixture_reproduces_the_uninterrupted_run(sources, tiny_
     assert code == 0 and "resumed from" in err, err
     losses = {e["step"]: e["loss"] for e in read_events(tmp_path / "run" / "metrics.jsonl", "train")}
     assert len(expected) == 6 and losses == expected
+
+
+def test_a_mix_source_can_be_a_saved_dataset_with_its_own_split(sources, tok, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    text, _ = sources
+    rows = [{"prompt": f"Say {i}", "completion": f"{i} said"} for i in range(50)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:10]), "test": datasets.Dataset.from_list(rows)}
+                         ).save_to_disk(str(tmp_path / "saved"))
+    cfg = DataConfig(mix=[DataSource(str(text), 1.0, "text", "body"), DataSource(str(tmp_path / "saved"), 1.0,
+                                                                               split="test")],
+                     max_seq_len=64, eval_fraction=0.0, packing=False)
+    prep = prepare(cfg, tok, "", "", 0)
+    assert prep.format == "text+prompt_completion" and prep.train_examples == 350
+    assert [name.endswith("saved (test)") for name, _ in prep.mix] == [False, True]
+    assert abs(prep.mix[1][1] / 350 - 0.5) < 0.1  # equal weights, whatever the sizes (300 vs 50)
