@@ -179,6 +179,9 @@ class DistillConfig:
 class DistributedConfig:
     """Runs under torchrun (``swengine train --nproc N``); one process reads but does not use it."""
     timeout_s: int = 600  # a rank that answers no collective for this long ends the job (a dead one: at once)
+    # ddp: every rank holds the whole model, adapter gradients summed over the ranks; fsdp: the base
+    # model's decoder sharded over the ranks (FSDP2 fully_shard), for bases that do not fit one card
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass

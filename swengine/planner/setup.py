@@ -36,6 +36,7 @@ class Setup:
     attention: str = "sdpa"
     dtype: str = "bf16"
     teacher: Teacher | None = None
+    shard_world: int = 1  # FSDP2: ranks the decoder's weights, the adapter and its optimizer states are sharded over
 
     def __post_init__(self):
         from swengine.train.optim import OPTIMIZERS
@@ -49,6 +50,8 @@ class Setup:
             raise UserError(f"seq_len and micro_batch must be >= 1 (got {self.seq_len}, {self.micro_batch})")
         if self.lora_rank < 1:
             raise UserError(f"LoRA rank must be >= 1 (got {self.lora_rank})")
+        if self.shard_world < 1:
+            raise UserError(f"shard_world must be >= 1 (got {self.shard_world})")
 
     def with_(self, **changes) -> Setup:
         return replace(self, **changes)

@@ -1,5 +1,10 @@
 """Exact bytes of what lives through the whole step: base weights (bf16/fp16 or NF4), LoRA
-adapters (fp32) and optimizer states. Every tensor rounded to 512 B as the allocator does."""
+adapters (fp32) and optimizer states. Every tensor rounded to 512 B as the allocator does.
+
+Per rank under FSDP2 (``setup.shard_world`` = N > 1): the decoder layers' weights, the adapter and
+its optimizer states are 1/N each, plus two whole layers of weights (the one being computed, all-
+gathered, and the next one, prefetched); embeddings, norms and the LM head are counted whole (the
+head is not sharded)."""
 
 from __future__ import annotations
 
@@ -71,9 +76,11 @@ def static_bytes(inv: Inventory, setup: Setup) -> StaticBytes:
         n = li.in_features * li.out_features
         layer += nf4_weight_bytes(n, setup.quant == "nf4-dq") if quant and li.name in target_names else _r(2 * n)
     # biases, norms, embeddings and the LM head are all in other_params
-    base = inv.num_layers * layer + sum(_r(2 * n) for n in inv.other_params) + inv.buffer_bytes
+    w = setup.shard_world
+    layers = inv.num_layers * layer if w == 1 else ceil(inv.num_layers * layer / w) + 2 * layer
+    base = layers + sum(_r(2 * n) for n in inv.other_params) + inv.buffer_bytes
     r = setup.lora_rank
     lora_numels = [n for li in targets for n in (r * li.in_features, li.out_features * r)]
-    lora = inv.num_layers * sum(_r(4 * n) for n in lora_numels)
-    opt = inv.num_layers * _optimizer_bytes(lora_numels, setup.optimizer)
+    lora = ceil(inv.num_layers * sum(_r(4 * n) for n in lora_numels) / w)
+    opt = ceil(inv.num_layers * _optimizer_bytes(lora_numels, setup.optimizer) / w)
     return StaticBytes(base, lora, opt, inv.num_layers * sum(lora_numels), sum(lora_numels))

@@ -43,6 +43,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     timeout_s: int = 0
+    strategy: str = "ddp"  # fsdp: gradients are reduced by fully_shard (swengine.train.fsdp), not here
 
     @property
     def main(self) -> bool:
@@ -84,6 +85,10 @@ class Dist:
             return loss
         import torch.distributed as td
 
+        if self.strategy == "fsdp":  # fully_shard reduce-scattered the gradients in the backward
+            total = loss.detach().reshape(1).float().clone()
+            self._collective("the loss all-reduce", td.all_reduce, total, op=td.ReduceOp.SUM)
+            return total[0]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss.reshape(1).float()])
         self._collective("the gradient all-reduce", td.all_reduce, flat, op=td.ReduceOp.SUM)
@@ -127,10 +132,10 @@ class Dist:
             td.destroy_process_group()
 
 
-def init(timeout_s: int) -> Dist:
+def init(timeout_s: int, strategy: str = "ddp") -> Dist:
     """Join torchrun's process group (NCCL when CUDA is available, else gloo), or a single rank."""
     if not launched():
-        return Dist(timeout_s=timeout_s)
+        return Dist(timeout_s=timeout_s, strategy=strategy)
     import torch.distributed as td
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -143,7 +148,7 @@ def init(timeout_s: int) -> Dist:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    return Dist(rank, world, local, timeout_s)
+    return Dist(rank, world, local, timeout_s, strategy)
 
 
 class QuietMetrics:

@@ -185,6 +185,10 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
                                      strict_kernels=cfg.model.strict_kernels)
         self.model, self.handle, self.params = built.model, built.handle, built.params
         self.dist.broadcast_params(self.params)
+        if self.sharded:
+            from swengine.train import fsdp
+
+            self.params = fsdp.shard_model(self.model)
         self.distiller = Distiller.create(cfg, self) if (cfg.distill.teacher or cfg.distill.cache) else None
         self._checkpointing = cfg.checkpointing.gradient_checkpointing
         self.autocast = self.dtype if self.device.type == "cuda" and self.dtype != torch.float32 else None
@@ -228,8 +232,25 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
         if not ok:
             raise RunStopped(f"rank {self.dist.rank}: rank 0 could not start the run (its error says why)", 2)
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2: the base model's decoder is sharded over the ranks (:mod:`swengine.train.fsdp`)."""
+        return self.dist.active and self.dist.strategy == "fsdp"
+
+    def _full_parameters(self):
+        """Full parameters on every rank inside (FSDP2: an all-gather every rank joins)."""
+        if not self.sharded:
+            return contextlib.nullcontext()
+        from swengine.train import fsdp
+
+        return fsdp.full_parameters(self.model)
+
     def _check_distributed(self) -> None:
         """What a data-parallel run does not do yet is refused, not run half-right."""
+        if self.dist.strategy == "fsdp":
+            from swengine.train import fsdp
+
+            fsdp.check_supported(self.cfg)
         for key, on in (("context.phases", self.cfg.context.phases), ("distill.teacher", self.cfg.distill.teacher),
                         ("distill.cache", self.cfg.distill.cache)):
             if on:
@@ -341,8 +362,9 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
         was = self.model.training
         self.model.eval()
         total, count = 0.0, 0
+        split = self.dist.active and not self.sharded  # FSDP2: each forward is a collective: all run all
         for i, batch in enumerate(eval_batches(self.data.eval, self.phase.micro_batch, self.tokenizer.pad_token_id)):
-            if i % self.dist.world != self.dist.rank:  # data parallel: each rank its share of the batches
+            if split and i % self.dist.world != self.dist.rank:  # data parallel: each rank its share
                 continue
             n = label_tokens(batch)
             batch = {k: v.to(self.device) for k, v in batch.items() if k != "real_tokens"}
@@ -351,7 +373,8 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
             total += float(loss) * n
             count += n
         self.model.train(was)
-        total, count = self.dist.sum([total, count], self.device, "the evaluation sum")
+        if split:
+            total, count = self.dist.sum([total, count], self.device, "the evaluation sum")
         return total / max(count, 1)
 
     def skill_accuracy(self) -> float | None:
@@ -505,8 +528,9 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
             last_eval = self._eval_and_track()
         self.save_checkpoint("final")
         adapter_dir = self.out / "adapter"
-        if self.dist.main:
-            ckpt.atomic_dir(adapter_dir, self._save_adapter)
+        with self._full_parameters():
+            if self.dist.main:
+                ckpt.atomic_dir(adapter_dir, self._save_adapter)
         self.dist.barrier("waiting for rank 0 to write the adapter")
         skill_after = self.skill_accuracy() if skill_before is not None else None
         elapsed = time.perf_counter() - start
@@ -583,6 +607,8 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
         total = self.dist.sync_grads(self.params, total)
         norm_t = clip_gradients(self.optimizer, self.params, max_grad_norm=self.cfg.optim.max_grad_norm,
                                 scaler=self.scaler)
+        if hasattr(norm_t, "full_tensor"):  # FSDP2: the norm over every rank's shards
+            norm_t = norm_t.full_tensor()
         loss, norm = float(total), float(norm_t)  # the step's one host sync
         elapsed, peak = time.perf_counter() - started, peak_memory_bytes(self.device)
         if self.dist.active:  # the same inputs on every rank: the same breaker decisions, the same stop

@@ -33,22 +33,31 @@ class CheckpointsMixin:
             save_extended_config(self.model_config, directory)
 
     def save_checkpoint(self, kind: str = "periodic", **extra) -> Path:
-        if not self.dist.main:  # data parallel: rank 0 writes; the others keep the same bookkeeping
-            path = self.out / "checkpoints" / ckpt.checkpoint_name(self.step)
-            self._last_ckpt, self._last_ckpt_step, self._tripped = path, self.step, False
-            return path
-        self._saving = True
-        try:
-            return self._save_checkpoint(kind, extra)
-        finally:
-            self._saving = False
+        with self._full_parameters():  # FSDP2: the full adapter and optimizer state (every rank joins)
+            optimizer_state = self._optimizer_state()
+            if not self.dist.main:  # data parallel: rank 0 writes; the others keep the same bookkeeping
+                path = self.out / "checkpoints" / ckpt.checkpoint_name(self.step)
+                self._last_ckpt, self._last_ckpt_step, self._tripped = path, self.step, False
+                return path
+            self._saving = True
+            try:
+                return self._save_checkpoint(kind, extra, optimizer_state)
+            finally:
+                self._saving = False
 
-    def _save_checkpoint(self, kind: str, extra: dict) -> Path:
+    def _optimizer_state(self) -> dict:
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from swengine.train import fsdp
+
+        return fsdp.full_optimizer_state(self.optimizer)
+
+    def _save_checkpoint(self, kind: str, extra: dict, optimizer_state: dict) -> Path:
         final = self.out / "checkpoints" / ckpt.checkpoint_name(self.step)
 
         def write(tmp: Path) -> None:
             self._save_adapter(tmp)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             if self.scaler is not None:
                 torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
@@ -100,7 +109,11 @@ class CheckpointsMixin:
 
     def _load_checkpoint(self, path: Path, rollback: bool = False) -> None:
         state = ckpt.read_state(path)
-        if self.handle is not None:
+        if self.sharded:
+            from swengine.train import fsdp
+
+            fsdp.load_adapter(self.handle, path)
+        elif self.handle is not None:
             load_adapter_into(self.handle, path)
         else:
             from peft import set_peft_model_state_dict
@@ -110,7 +123,11 @@ class CheckpointsMixin:
         # the phase first: a new schedule sets the optimizer's lr, which the loaded state then replaces
         self._enter_phase(int(state.get("phase_index", 0)))
         self.phase_evals = state.get("phase_evals") or {}
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
+        if self.sharded:
+            fsdp.load_optimizer_state(self.optimizer, optimizer_state)
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         if self.scaler is not None and (path / "scaler.pt").is_file():
             self.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
