@@ -152,3 +152,30 @@ def test_offline_cache_at_full_vocabulary_gives_the_online_loss(student, tiny_tr
 def test_bad_distillation_input_is_one_line_exit_2(student, tiny_train_data, tmp_path, capsys, extra, needle):
     code, _, err = run(capsys, train_args(student, tiny_train_data, tmp_path / "run", *extra))
     assert code == 2 and needle in err and "Traceback" not in err, err
+
+
+def test_offline_cache_for_a_directory_and_a_mixture(student, tiny_train_data, tmp_path, capsys):
+    """distill-cache identifies every source kind by content: a directory of files and a data.mix
+    build and are accepted by the run on the same data; other mixture weights are refused."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    lines = tiny_train_data.read_text().splitlines(keepends=True)
+    (folder / "a.jsonl").write_text("".join(lines[:30]))
+    (folder / "b.jsonl").write_text("".join(lines[30:]))
+    mix = 'data.mix=[{"path": "%s", "weight": 0.7}, {"path": "%s", "weight": 0.3}]' % (folder / "a.jsonl",
+                                                                                       folder / "b.jsonl")
+    for name, data_args in (("dir", [f"data.train={folder}"]), ("mix", [mix])):
+        cache = tmp_path / f"cache-{name}"
+        common = [f"model.path={student}", *data_args, "data.max_seq_len=64"]
+        code, _, err = run(capsys, ["distill-cache", *common, "--teacher", str(DEMO_MODEL), "--top-k", "8",
+                                    "--out", str(cache), "--tokenizer", str(student)])
+        assert code == 0, err
+        args = train_args(student, "", tmp_path / f"run-{name}", "schedule.max_steps=2", f"distill.cache={cache}")
+        args = [a for a in args if not a.startswith("data.train=")] + data_args
+        code, _, err = run(capsys, args)
+        assert code == 0, err
+    other = mix.replace("0.7", "0.5")
+    args = [a for a in train_args(student, "", tmp_path / "run-other", f"distill.cache={tmp_path / 'cache-mix'}")
+            if not a.startswith("data.train=")] + [other]
+    code, _, err = run(capsys, args)
+    assert code == 2 and "distill.cache" in err and "Traceback" not in err, err

@@ -68,13 +68,30 @@ def file_sha256(path: str | Path) -> str:
     return sha256_file(Path(path))
 
 
+def data_digest(data_cfg, data_path: str) -> str:
+    """The training data's content digest: a single file's sha256; for a directory, a datasets
+    source (save_to_disk, Hub) or a data.mix, a sha256 over each source's content fingerprint
+    (the one the tokenised cache is keyed by) and its settings and weight."""
+    if not data_cfg.mix and Path(data_path).is_file():
+        return file_sha256(data_path)
+    from swengine.data.sources import SourceSpec, open_source
+
+    items = [(SourceSpec(m.path, m.format, m.text_field, m.subset, m.split), m.weight) for m in data_cfg.mix] or [
+        (SourceSpec(data_path, data_cfg.format, data_cfg.text_field, data_cfg.subset, data_cfg.split), 1.0)]
+    h = hashlib.sha256()
+    for spec, weight in items:
+        h.update(f"{open_source(spec).fingerprint}|{spec}|{weight}\n".encode())
+    return h.hexdigest()
+
+
 def data_identity(data_cfg, data_path: str, eval_path: str, seed: int) -> dict:
-    """What decides the training rows besides the tokenizer: the training file's bytes, the data
-    settings, the seed, and how the eval split is made (a separate eval file, or eval_fraction of
-    the training records)."""
+    """What decides the training rows besides the tokenizer: the training data's content
+    (:func:`data_digest`), the data settings, the seed, and how the eval split is made (a separate
+    eval file, or eval_fraction of the training records)."""
     settings = {key: getattr(data_cfg, key) for key in DATA_KEYS}
     settings["eval_split"] = "file" if eval_path else float(data_cfg.eval_fraction)
-    return {"path": str(data_path), "sha256": file_sha256(data_path), "seed": int(seed), "settings": settings}
+    path = "data.mix" if data_cfg.mix else str(data_path)
+    return {"path": path, "sha256": data_digest(data_cfg, data_path), "seed": int(seed), "settings": settings}
 
 
 def row_hash(row) -> bytes:
@@ -380,9 +397,10 @@ def shard_tensors(teacher: torch.nn.Module, rows: Sequence, *, top_k: int, vocab
     }
 
 
-def training_paths(data_train: str, data_eval: str) -> tuple[str, str]:
-    """The training and eval files as `swengine train` resolves them ("" = the demo's)."""
-    if not data_train:
+def training_paths(data_train: str, data_eval: str, mix: bool = False) -> tuple[str, str]:
+    """The training and eval files as `swengine train` resolves them ("" = the demo's; with
+    data.mix the sources are the mix's)."""
+    if not data_train and not mix:
         from swengine.model.load import DEMO_EVAL, DEMO_TRAIN
 
         return str(DEMO_TRAIN), data_eval or str(DEMO_EVAL)
@@ -410,7 +428,7 @@ def distill_cache(out: str | Path, *, teacher: str, data_cfg, seed: int, top_k: 
     teacher_config = model_load.load_config(teacher_dir, 0, {})
     rows_needed = getattr(teacher_config, "vocab_size", None)
     vocab = check_vocab(student_tok, teacher_tok, None, rows_needed)
-    train_path, eval_path = training_paths(data_cfg.train, data_cfg.eval)
+    train_path, eval_path = training_paths(data_cfg.train, data_cfg.eval, bool(data_cfg.mix))
     prepared = prepare(data_cfg, student_tok, train_path, eval_path, seed)
     torch_device = model_load.resolve_device(device)
     torch_dtype = model_load.resolve_dtype(dtype, torch_device)
