@@ -162,8 +162,8 @@ def test_offline_cache_for_a_directory_and_a_mixture(student, tiny_train_data, t
     lines = tiny_train_data.read_text().splitlines(keepends=True)
     (folder / "a.jsonl").write_text("".join(lines[:30]))
     (folder / "b.jsonl").write_text("".join(lines[30:]))
-    mix = 'data.mix=[{"path": "%s", "weight": 0.7}, {"path": "%s", "weight": 0.3}]' % (folder / "a.jsonl",
-                                                                                       folder / "b.jsonl")
+    a, b = folder / "a.jsonl", folder / "b.jsonl"
+    mix = f'data.mix=[{{"path": "{a}", "weight": 0.7}}, {{"path": "{b}", "weight": 0.3}}]'
     for name, data_args in (("dir", [f"data.train={folder}"]), ("mix", [mix])):
         cache = tmp_path / f"cache-{name}"
         common = [f"model.path={student}", *data_args, "data.max_seq_len=64"]
