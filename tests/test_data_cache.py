@@ -4,6 +4,7 @@ never trusted; num_proc gives the same tokens; rows are built lazily from memory
 Slow: 200k records cold vs warm; the warm run's memory, in subprocesses."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -77,13 +78,17 @@ def test_the_key_follows_data_tokenizer_and_settings(tmp_path, data, tok):
     assert prepare(cfg(tmp_path, train_on_prompt=True), tok, str(data), "", 0).cache.endswith("hit")
 
 
-@pytest.mark.parametrize("damage", ["truncate", "meta", "missing"])
+@pytest.mark.parametrize("damage", ["truncate", "meta", "missing", "flipped"])
 def test_a_damaged_entry_is_rebuilt_and_an_unfinished_one_never_trusted(tmp_path, data, tok, damage):
     first = rows_of(prepare(cfg(tmp_path), tok, str(data), "", 0))
     (entry,) = entries(tmp_path)
     if damage == "truncate":
         blob = (entry / "tokens.arrow").read_bytes()
         (entry / "tokens.arrow").write_bytes(blob[:len(blob) // 2])
+    elif damage == "flipped":  # same size, one byte of the tokens changed: only the CRC sees it
+        blob = bytearray((entry / "tokens.arrow").read_bytes())
+        blob[len(blob) // 3] ^= 0x5A
+        (entry / "tokens.arrow").write_bytes(bytes(blob))
     elif damage == "meta":
         (entry / "meta.json").write_text("{")
     else:
@@ -101,6 +106,21 @@ def test_a_killed_build_leaves_no_entry(tmp_path, data, tok, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg(tmp_path), tok, str(data), "", 0)
     assert not list((tmp_path / "c").iterdir())  # neither an entry nor a temporary folder
+
+
+def test_a_hard_killed_builds_folder_is_swept_and_a_live_ones_kept(tmp_path, data, tok):
+    """kill -9 leaves a temporary folder (no handler runs): the next build removes it when its
+    process is gone, and keeps the folder of a build still running (another live process)."""
+    root = tmp_path / "c"
+    root.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    gone, live = root / f".tmp-{'0' * 32}-{dead}-deadbeef", root / f".tmp-{'1' * 32}-{os.getpid()}-cafebabe"
+    for folder in (gone, live):
+        folder.mkdir()
+        (folder / "tokens.arrow").write_bytes(b"partial")
+    prepare(cfg(tmp_path), tok, str(data), "", 0)
+    assert not gone.exists() and live.exists() and len(entries(tmp_path)) == 1
 
 
 def test_num_proc_gives_the_same_tokens_and_the_progress_bar_is_on_stderr(tmp_path, data, tok, monkeypatch, capsys):

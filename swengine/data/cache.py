@@ -5,8 +5,9 @@ labels as int32 lists, with each example's length, first trained position, train
 and where it came from) and ``meta.json`` (written last). The key hashes the source's content
 fingerprint, the tokenizer (its vocabulary and rules, special tokens and chat template) and every
 setting that changes tokens (format, text field, train_on_prompt). An entry is built in a
-temporary folder and renamed into place, so a killed run leaves none half-written; one that does
-not check out (unreadable, wrong size or count) is built again. Malformed records are counted in
+temporary folder and renamed into place, so a killed run leaves none half-written (and the next
+build removes the temporary folders of runs that are gone); one that does not check out
+(unreadable, wrong size, count or CRC-32 of its bytes) is built again. Malformed records are counted in
 the entry, not dropped from it: ``data.max_bad_rows`` is applied when the entry is used.
 
 Tokenising runs over ``data.num_proc`` processes (forked, chunks in order) with a progress bar.
@@ -22,6 +23,7 @@ import shutil
 import sys
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from swengine.data.formats import IGNORE, check_fields, detect_format, record_er
 from swengine.data.sources import Source, row_slice
 from swengine.errors import UserError
 
-VERSION = 1  # bump when what is stored, or how records become tokens, changes
+VERSION = 2  # bump when what is stored, or how records become tokens, changes (2: meta.json has the CRC-32)
 CHUNK = 1000  # records per tokenising task
 _WORK: dict = {}  # what forked workers tokenise with (set before the pool forks)
 
@@ -69,6 +71,8 @@ class TokenStore:
         arrow = folder / "tokens.arrow"
         if arrow.stat().st_size != self.meta["bytes"]:
             raise ValueError("size differs from meta.json")
+        if crc32(arrow) != self.meta["crc32"]:  # ~5 GB/s: a damaged byte anywhere is caught
+            raise ValueError("CRC-32 differs from meta.json")
         table = pa.ipc.open_file(pa.memory_map(str(arrow))).read_all()
         if table.num_rows != self.meta["examples"]:
             raise ValueError("example count differs from meta.json")
@@ -149,6 +153,36 @@ def _int32(values):
     return pa.Array.from_buffers(pa.int32(), len(values), [None, pa.py_buffer(values)])
 
 
+TMP_PREFIX = ".tmp-"
+
+
+def crc32(path: Path) -> int:
+    value = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(16 << 20), b""):
+            value = zlib.crc32(block, value)
+    return value
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _sweep(root: Path) -> None:
+    """Remove the temporary folders of builds whose process is gone (killed mid-build); a live
+    build's folder (its pid running) is left alone."""
+    for tmp in root.glob(f"{TMP_PREFIX}*"):
+        parts = tmp.name.rsplit("-", 2)
+        if len(parts) == 3 and parts[1].isdigit() and not _alive(int(parts[1])):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _batch(out):
     """A record batch of one tokenised chunk, built from buffers (``pa.array`` would import pandas)."""
     import pyarrow as pa
@@ -172,7 +206,8 @@ def _build(source: Source, fmt: str, bad: set[int], tokenizer, settings: dict, f
 
     records, where = source.read()
     n = len(records)
-    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
+    _sweep(folder.parent)
+    tmp = folder.parent / f"{TMP_PREFIX}{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     _WORK.update(records=records, where=where, bad=bad, fmt=fmt, tokenizer=tokenizer, **settings)
     tasks = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
@@ -193,7 +228,8 @@ def _build(source: Source, fmt: str, bad: set[int], tokenizer, settings: dict, f
                 writer.write_batch(batch)
                 bar.update(b - a)
         writer.close()
-        meta = {**meta, "examples": n - len(bad), "bytes": (tmp / "tokens.arrow").stat().st_size}
+        meta = {**meta, "examples": n - len(bad), "bytes": (tmp / "tokens.arrow").stat().st_size,
+                "crc32": crc32(tmp / "tokens.arrow")}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             os.rename(tmp, folder)
