@@ -171,6 +171,34 @@ def test_fsdp_two_ranks_equal_ddp(runs, tiny_llama, tiny_train_data):
     assert "eval loss" in done.stdout
 
 
+@pytest.mark.slow
+def test_sigterm_to_nproc_stops_every_rank_at_one_step_with_a_checkpoint(tiny_llama, tiny_train_data, tmp_path):
+    from swengine.train import checkpoint as ckpt
+
+    out, log = tmp_path / "run", tmp_path / "stderr.txt"
+    args = _args(tiny_llama, tiny_train_data, out, "checkpointing.save_every=100000", "--nproc", "2", steps=100_000)
+    with open(log, "w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "swengine", *args], env={**os.environ, **ENV},
+                                stdout=subprocess.DEVNULL, stderr=err_file)
+    try:
+        deadline = time.monotonic() + 90
+        while "step 3/" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = log.read_text()
+    assert proc.returncode == 143, err[-3000:]
+    stops = [x for x in err.splitlines() if x.startswith("stopped by SIGTERM")]
+    assert len(stops) == 2 and stops[0] == stops[1], stops  # both ranks, the same step
+    saved = ckpt.list_checkpoints(out)[-1]  # (after any "best" ones)
+    ckpt.verify(saved)
+    assert saved.name in stops[0]
+
+
 def test_fsdp_refuses_nf4_and_the_peft_path():
     from swengine.config import TrainConfig
     from swengine.errors import UserError
