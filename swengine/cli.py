@@ -167,8 +167,10 @@ def train(
     from swengine.train.cli import run_train
 
     if nproc is not None and nproc > 1 and not dry_run:
+        from swengine.train.cli import check_before_launch
         from swengine.train.launch import launch
 
+        check_before_launch(args or [], teacher, context)
         launch(nproc, ARGV or sys.argv[1:])
     run_train(args or [], resume=resume, auto=auto or None, gpu=gpu, dry_run=dry_run,
               strict_kernels=strict_kernels, overwrite=overwrite, context=context, rope_scaling=rope_scaling,

@@ -276,3 +276,17 @@ def test_planner_counts_fsdp_sharded_weights_per_rank():
     assert one.base_weights / 2 < two.base_weights < 0.75 * one.base_weights  # + 2 gathered layers, whole head
     with pytest.raises(UserError, match="shard_world"):
         Setup(seq_len=512, shard_world=0)
+
+
+@pytest.mark.parametrize("override, needle", [("distributed.timeout_s=0", "distributed.timeout_s must be >= 1"),
+                                              ("distill.cache=somewhere", "distill.cache is not supported with more"),
+                                              ("distributed.strategy=fsdp", None)])
+def test_nproc_checks_the_config_before_starting_torchrun(monkeypatch, override, needle):
+    from swengine.errors import UserError
+    from swengine.train.cli import check_before_launch
+
+    args = ["model.path=m", "data.train=d", override, "quantization.load_in_4bit=true"]
+    with pytest.raises(UserError, match=needle or "does not take quantization.load_in_4bit"):
+        check_before_launch(args, teacher=None, context=None)
+    with pytest.raises(UserError, match="--context is not supported"):
+        check_before_launch(["model.path=m"], teacher=None, context=4096)

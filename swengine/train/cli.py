@@ -198,6 +198,18 @@ def _rotary_half_dim(cfg: TrainConfig) -> int:
     return int(head_dim * getattr(config, "partial_rotary_factor", 1.0)) // 2
 
 
+def check_before_launch(args: list[str], teacher: str | None, context: int | None) -> None:
+    """--nproc: bad input is one line (exit 2) here, before torchrun starts the ranks."""
+    from swengine.train.distributed import check_supported
+
+    path, overrides = split_args(args)
+    cfg = load_config(path, overrides)
+    if teacher is not None or context is not None:
+        raise UserError(f"{'--teacher' if teacher is not None else '--context'} is not supported with more than one "
+                        "process yet; run it without --nproc / torchrun")
+    check_supported(cfg)
+
+
 def run_train(args: list[str], resume: str | None, auto: bool | None, gpu: str | None, dry_run: bool,
               strict_kernels: bool = False, overwrite: bool = False, context: int | None = None,
               rope_scaling: str | None = None, teacher: str | None = None, on_alert: str | None = None,
@@ -231,8 +243,6 @@ def run_train(args: list[str], resume: str | None, auto: bool | None, gpu: str |
             notice(describe(resolve(cfg, explicit, plan_for)))
         typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
         return
-    if cfg.distributed.timeout_s < 1:
-        raise UserError(f"distributed.timeout_s must be >= 1 second (got {cfg.distributed.timeout_s})")
     from swengine.train import distributed
 
     dist = distributed.init(cfg.distributed.timeout_s, cfg.distributed.strategy)

@@ -132,8 +132,31 @@ class Dist:
             td.destroy_process_group()
 
 
+def check_supported(cfg) -> None:
+    """What a run of more than one process does not do yet is refused with one line, not run half-right."""
+    from swengine.errors import UserError
+
+    _check_timeout(cfg.distributed.timeout_s)
+    if cfg.distributed.strategy == "fsdp":
+        from swengine.train import fsdp
+
+        fsdp.check_supported(cfg)
+    for key, on in (("context.phases", cfg.context.phases), ("distill.teacher", cfg.distill.teacher),
+                    ("distill.cache", cfg.distill.cache)):
+        if on:
+            raise UserError(f"{key} is not supported with more than one process yet; run it without --nproc / torchrun")
+
+
+def _check_timeout(timeout_s: int) -> None:
+    if timeout_s < 1:
+        from swengine.errors import UserError
+
+        raise UserError(f"distributed.timeout_s must be >= 1 second (got {timeout_s})")
+
+
 def init(timeout_s: int, strategy: str = "ddp") -> Dist:
     """Join torchrun's process group (NCCL when CUDA is available, else gloo), or a single rank."""
+    _check_timeout(timeout_s)
     if not launched():
         return Dist(timeout_s=timeout_s, strategy=strategy)
     import torch.distributed as td

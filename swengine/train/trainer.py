@@ -42,7 +42,7 @@ from swengine.telemetry import MetricsLogger
 from swengine.train import checkpoint as ckpt
 from swengine.train import phases
 from swengine.train.distill import Distiller
-from swengine.train.distributed import Dist, NoLock, PeerLost, QuietMetrics
+from swengine.train.distributed import Dist, NoLock, PeerLost, QuietMetrics, check_supported
 from swengine.train.lock import RunLock, check_output_dir, new_run_id
 from swengine.train.optim import build_optimizer
 from swengine.train.step import (
@@ -163,7 +163,7 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
         seed_everything(cfg.seed)
         self.device = model_load.resolve_device(cfg.device)
         if self.dist.active:
-            self._check_distributed()
+            check_supported(cfg)
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", self.dist.local_rank)
         self.dtype = model_load.resolve_dtype(cfg.model.dtype, self.device)
@@ -244,18 +244,6 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
         from swengine.train import fsdp
 
         return fsdp.full_parameters(self.model)
-
-    def _check_distributed(self) -> None:
-        """What a data-parallel run does not do yet is refused, not run half-right."""
-        if self.dist.strategy == "fsdp":
-            from swengine.train import fsdp
-
-            fsdp.check_supported(self.cfg)
-        for key, on in (("context.phases", self.cfg.context.phases), ("distill.teacher", self.cfg.distill.teacher),
-                        ("distill.cache", self.cfg.distill.cache)):
-            if on:
-                raise UserError(f"{key} is not supported with more than one process yet; run it without "
-                                "--nproc / torchrun")
 
     def _claim_output_dir_here(self) -> None:
         check_output_dir(self.out)
