@@ -565,6 +565,8 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
     def _train_step(self) -> tuple[float, int, float | None]:
         """One optimizer step over ``grad_accumulation`` micro-batches, every label token weighted
         alike. Micro-batch losses stay on the device; the step's loss is read once, at the end."""
+        if self.dist.active:  # each rank its own dropout masks, a function of (seed, step, rank): resumable
+            torch.manual_seed((self.cfg.seed * 1_000_003 + self.step) * self.dist.world + self.dist.rank)
         data_before, rng_before = self.stream.state_dict(), ckpt.rng_state()
         started = time.perf_counter()  # this step's own time: evals and saves are not throughput
         try:
