@@ -228,3 +228,28 @@ def write_long(path: Path, n: int) -> Path:
         for i in range(n):
             f.write(json.dumps({"text": " ".join(words[(i * 7 + k) % len(words)] for k in range(150))}) + "\n")
     return path
+
+
+
+def test_a_cold_run_reads_a_jsonl_file_a_chunk_at_a_time(tmp_path, data, tok, monkeypatch):
+    """Tokenising a .jsonl (a cache miss) never holds the file's records: they are read and parsed
+    a chunk at a time from a byte index, and give exactly the rows the whole-file reader gives."""
+    from swengine.data import lazy_jsonl
+
+    eager = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps(eager[i % len(eager)]) + "\n" for i in range(2500)))
+    widest, real_slice = [0], lazy_jsonl.JsonlRecords.slice
+
+    def slice_(self, start, end):
+        widest[0] = max(widest[0], min(end, len(self)) - start)
+        return real_slice(self, start, end)
+
+    monkeypatch.setattr(lazy_jsonl.JsonlRecords, "slice", slice_)
+    monkeypatch.setattr(cache_mod, "CHUNK", 300)
+    lazy = prepare(cfg(tmp_path), tok, str(big), "", 0)
+    assert 0 < widest[0] <= 300
+    monkeypatch.setattr(lazy_jsonl.JsonlRecords, "slice", real_slice)
+    whole = tmp_path / "whole.json"  # the same records through the whole-file (.json) reader
+    whole.write_text(json.dumps([json.loads(line) for line in big.read_text().splitlines()]))
+    assert rows_of(lazy) == rows_of(prepare(cfg(tmp_path / "w"), tok, str(whole), "", 0))

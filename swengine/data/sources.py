@@ -60,10 +60,28 @@ class Source:
         """(records, where): records a list of dicts or a ``datasets.Dataset``; where[i] names record i."""
         if self._records is None:
             if self.kind in ("file", "directory"):
-                self._records, self._where = read_records_located(self.spec.path)
+                self._records, self._where = _read_local(Path(self.spec.path).expanduser(), self.spec.path)
             else:
                 raise AssertionError("datasets sources are loaded when opened")
         return self._records, self._where
+
+
+def _read_local(p: Path, path: str):
+    """A local file or directory's records: .jsonl files read on demand (:mod:`swengine.data
+    .lazy_jsonl`: a file larger than RAM tokenises in bounded memory), other formats whole."""
+    from swengine.data.lazy_jsonl import Concat, JsonlRecords
+
+    if p.is_file():
+        if p.suffix.lower() == ".jsonl":
+            records = JsonlRecords(path)
+            return records, records.where
+        return read_records_located(path)
+    files = _data_files(p)
+    if not files:
+        raise UserError(f"dataset directory {path} has no {'/'.join(SUFFIXES)} files")
+    parts = [_read_local(f, str(f)) for f in files]
+    concat = Concat([r for r, _ in parts], [w for _, w in parts])
+    return concat, concat.where
 
 
 def _hash_file(h, f: Path) -> None:
@@ -160,6 +178,8 @@ def row_slice(records, start: int, end: int) -> list[dict]:
     """Records start..end as dicts (a ``datasets.Dataset`` gives its columns: they are turned into rows)."""
     if isinstance(records, list):
         return records[start:end]
+    if hasattr(records, "slice"):  # lazily read local files
+        return records.slice(start, end)
     cols = records[start:end]
     names = list(cols)
     return [dict(zip(names, values, strict=True)) for values in zip(*(cols[n] for n in names), strict=True)]
