@@ -104,6 +104,8 @@ def plan(
                                                       "smallest peak (at the same LoRA rank)."),
     alternatives: int = typer.Option(3, "--alternatives", help="How many other setups to list, with why they were "
                                      "not chosen (0: none)."),
+    fsdp: int = typer.Option(1, "--fsdp", help="Plan one rank of an N-GPU FSDP2 run (distributed.strategy=fsdp): "
+                             "decoder weights, adapters and optimizer states sharded N ways; bf16/fp16 bases."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (specs/plan.schema.json)."),
 ) -> None:
     """Plan VRAM: memory breakdown, the fastest (or smallest) setup that fits, the best alternatives
@@ -119,7 +121,7 @@ def plan(
         raise UserError(f"--teacher-quant {teacher_quant} needs --teacher MODEL")
     result = make_plan(model, gpu=gpu, vram_gib=vram, seq_len=seq_len, batch=batch, rank=rank, qlora=qlora,
                        teacher=teacher, teacher_quant=teacher_quant, lora_impl=lora_impl, loss=loss,
-                       want_max_context=max_ctx, prefer=prefer, alternatives=alternatives)
+                       want_max_context=max_ctx, prefer=prefer, alternatives=alternatives, shard_world=fsdp)
     if as_json:
         print_json(to_dict(result))
     else:

@@ -218,3 +218,19 @@ def test_a_hub_model_is_planned_from_its_cached_config_and_offline_without_it_is
     proc = run_cli("plan", "--model", "acme/not-cached", "--vram", "24", env=env)
     assert proc.returncode == 2 and proc.stderr.startswith("error: cannot get config.json of acme/not-cached")
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_fsdp_plans_one_rank_of_sharded_bf16_weights(capsys):
+    """--fsdp N: an 8B bf16 base that no 16 GB card holds fits one rank of two; NF4 is refused."""
+    from tests.utils import run_main
+
+    code, out, _ = run_main(capsys, ["plan", "-m", "llama-3.1-8b", "--gpu", "rtx-4060-ti-16g", "--no-qlora", "--json"])
+    assert code == 1
+    whole = json.loads(out)["breakdown"]["base_weights"]
+    code, out, _ = run_main(capsys, ["plan", "-m", "llama-3.1-8b", "--gpu", "rtx-4060-ti-16g", "--fsdp", "2", "--json"])
+    data = json.loads(out)
+    assert code == 0 and data["setup"]["quant"] == "none" and data["setup"]["shard_world"] == 2
+    assert data["breakdown"]["base_weights"] < 0.65 * whole and any("FSDP2" in r for r in data["reasons"])
+    jsonschema.validate(data, SCHEMA)
+    code, _, err = run_main(capsys, ["plan", "-m", "llama-3.1-8b", "--gpu", "rtx-4090", "--fsdp", "2", "--qlora"])
+    assert code == 2 and "NF4 (QLoRA) under FSDP2 is not supported" in err

@@ -61,7 +61,7 @@ def make_plan(model: str, *, gpu: str | None = None, vram_gib: float | None = No
               batch: int = 16, rank: int | None = None, qlora: bool | None = None, teacher: str | None = None,
               teacher_quant: str = "none", lora_impl: str = "swkernels", loss: str = "fused",
               want_max_context: bool = False, prefer: str = "speed", alternatives: int = 3,
-              fixed: dict | None = None) -> Plan:
+              fixed: dict | None = None, shard_world: int = 1) -> Plan:
     from swengine.model.config import load_model_config
 
     config = load_model_config(model)
@@ -73,14 +73,24 @@ def make_plan(model: str, *, gpu: str | None = None, vram_gib: float | None = No
         raise UserError(f"--rank must be >= 1 (got {rank})")
     if alternatives < 0:
         raise UserError(f"--alternatives must be >= 0 (got {alternatives})")
+    if shard_world < 1:
+        raise UserError(f"--fsdp must be >= 1 GPUs (got {shard_world})")
+    if shard_world > 1:  # FSDP2 runs bf16/fp16 bases only (swengine.train.fsdp refuses NF4)
+        if qlora:
+            raise UserError("FSDP2 (--fsdp) shards bf16/fp16 base weights; NF4 (QLoRA) under FSDP2 is not supported "
+                            "yet: drop --qlora, or plan one GPU of a DDP run (no --fsdp)")
+        qlora = False
     if teacher:
         load_model_config(teacher)  # validate early, with the same message
     name, vram, profile = resolve_gpu(gpu, vram_gib)
-    base = Setup(seq_len=seq_len, lora_impl=lora_impl, loss=loss,
+    base = Setup(seq_len=seq_len, lora_impl=lora_impl, loss=loss, shard_world=shard_world,
                  teacher=Teacher(teacher, teacher_quant) if teacher else None)
     result = plan(config, model, gpu=name, vram_bytes=vram, seq_len=seq_len, effective_batch=batch, rank=rank,
                   qlora=qlora, base=base, speed=speed_model.model_for(profile, lora_impl), prefer=prefer,
                   alternatives=alternatives, fixed=fixed)
+    if shard_world > 1:
+        result.reasons.append(f"one rank of {shard_world} under FSDP2: the decoder layers' weights, the adapters and "
+                              "their optimizer states are sharded (plus two layers gathered at a time)")
     if profile is None:  # a bare --vram: the speed model only ranks, its tokens/s mean nothing
         result.tokens_per_second = None
         for alt in result.alternatives:

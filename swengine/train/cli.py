@@ -48,7 +48,8 @@ def _plan(cfg: TrainConfig, gpu: str | None, seq_len: int, rank: int | None = No
                      qlora=True if cfg.quantization.load_in_4bit else None, lora_impl=cfg.lora.impl,
                      loss="fused" if cfg.fused_loss else "unfused",
                      teacher=model_load.model_path(d.teacher) if d.teacher else None,
-                     teacher_quant="nf4-dq" if d.teacher_4bit else "none", fixed=fixed, prefer=prefer)
+                     teacher_quant="nf4-dq" if d.teacher_4bit else "none", fixed=fixed, prefer=prefer,
+                     shard_world=world if cfg.distributed.strategy == "fsdp" else 1)
 
 
 # the config keys --auto sets, and the word of the plan's reasons that explains each
