@@ -199,18 +199,30 @@ def test_sigterm_to_nproc_stops_every_rank_at_one_step_with_a_checkpoint(tiny_ll
     assert saved.name in stops[0]
 
 
-def test_fsdp_refuses_nf4_and_the_peft_path():
+def test_fsdp_refuses_the_peft_path():
     from swengine.config import TrainConfig
     from swengine.errors import UserError
     from swengine.train.fsdp import check_supported
 
     cfg = TrainConfig()
     cfg.quantization.load_in_4bit = True
-    with pytest.raises(UserError, match="load_in_4bit"):
-        check_supported(cfg)
-    cfg.quantization.load_in_4bit, cfg.lora.impl = False, "peft"
+    check_supported(cfg)  # QLoRA shards (the packed NF4 bytes)
+    cfg.lora.impl = "peft"
     with pytest.raises(UserError, match="lora.impl=swkernels"):
         check_supported(cfg)
+
+
+@pytest.mark.slow
+def test_fsdp_shards_an_nf4_base_and_equals_ddp(tiny_llama, tiny_train_data, tmp_path):
+    """QLoRA under FSDP2: the packed NF4 bytes are split over the ranks (the run-start line says how
+    much each holds) and the adapter equals DDP's over the same NF4 base."""
+    nf4 = ("quantization.load_in_4bit=true", "--nproc", "2")
+    _train(*_args(tiny_llama, tiny_train_data, tmp_path / "ddp", *nf4, steps=4))
+    done = _train(*_args(tiny_llama, tiny_train_data, tmp_path / "fsdp", "distributed.strategy=fsdp", *nf4, steps=4))
+    _assert_same_adapter(tmp_path / "ddp", tmp_path / "fsdp")
+    line = next(x for x in done.stderr.splitlines() if "FSDP2 over 2 ranks" in x)
+    local, full = (float(v) for v in line.split("base weights per rank ")[1].split(" MiB")[0].split(" of "))
+    assert local < 0.75 * full
 
 
 def _rank_pid(mark: str, rank: int) -> int | None:
@@ -280,13 +292,13 @@ def test_planner_counts_fsdp_sharded_weights_per_rank():
 
 @pytest.mark.parametrize("override, needle", [("distributed.timeout_s=0", "distributed.timeout_s must be >= 1"),
                                               ("distill.cache=somewhere", "distill.cache is not supported with more"),
-                                              ("distributed.strategy=fsdp", None)])
+                                              ("distributed.strategy=fsdp", "lora.impl=swkernels")])
 def test_nproc_checks_the_config_before_starting_torchrun(monkeypatch, override, needle):
     from swengine.errors import UserError
     from swengine.train.cli import check_before_launch
 
-    args = ["model.path=m", "data.train=d", override, "quantization.load_in_4bit=true"]
-    with pytest.raises(UserError, match=needle or "does not take quantization.load_in_4bit"):
+    args = ["model.path=m", "data.train=d", override, "quantization.load_in_4bit=true", "lora.impl=peft"]
+    with pytest.raises(UserError, match=needle):
         check_before_launch(args, teacher=None, context=None)
     with pytest.raises(UserError, match="--context is not supported"):
         check_before_launch(["model.path=m"], teacher=None, context=4096)

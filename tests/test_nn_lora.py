@@ -172,3 +172,30 @@ def test_over_a_bitsandbytes_nf4_layer_merges_and_runs_fake(device):
         y = layer(torch.randn(2, 5, 96, dtype=torch.bfloat16, device=device, requires_grad=True))
         y.sum().backward()
     assert y.shape == (2, 5, 40)
+
+
+def test_an_nf4_base_held_as_plain_packed_bytes_gives_the_same_layer(device):
+    """detach_nf4_state (what FSDP2 sharding needs): the packed bytes become a plain uint8
+    parameter, the quantisation state stays on the layer, and outputs, gradients and the merged
+    weight are unchanged."""
+    bnb = pytest.importorskip("bitsandbytes")
+    base = bnb.nn.Linear4bit(96, 40, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                             compress_statistics=True, device=device)
+    base.weight = bnb.nn.Params4bit(torch.randn(40, 96, dtype=torch.bfloat16) / 10, requires_grad=False,
+                                    blocksize=64, quant_type="nf4", compress_statistics=True,
+                                    module=base)._quantize(device)
+    layer = LoRALinear.from_linear(base, r=4, lora_alpha=8)
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    x = torch.randn(6, 96, dtype=torch.bfloat16, device=device, requires_grad=True)
+    before, merged = layer(x), layer.merged_weight()
+    before.float().sum().backward()
+    grads = (x.grad.clone(), layer.lora_A.weight.grad.clone())
+    x.grad, layer.lora_A.weight.grad = None, None
+    layer.detach_nf4_state()
+    weight = layer.base_layer.weight
+    assert type(weight) is nn.Parameter and weight.dtype == torch.uint8 and layer.nf4
+    assert not hasattr(weight, "quant_state") and layer.nf4_quant_state is not None
+    after = layer(x)
+    after.float().sum().backward()
+    assert torch.equal(after, before) and torch.equal(layer.merged_weight(), merged)
+    assert torch.equal(x.grad, grads[0]) and torch.equal(layer.lora_A.weight.grad, grads[1])

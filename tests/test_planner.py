@@ -220,8 +220,9 @@ def test_a_hub_model_is_planned_from_its_cached_config_and_offline_without_it_is
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
-def test_fsdp_plans_one_rank_of_sharded_bf16_weights(capsys):
-    """--fsdp N: an 8B bf16 base that no 16 GB card holds fits one rank of two; NF4 is refused."""
+def test_fsdp_plans_one_rank_of_sharded_weights(capsys, tmp_path):
+    """--fsdp N: an 8B bf16 base that no 16 GB card holds fits one rank of two; a 70B QLoRA fits
+    one rank of four 24 GB cards (NF4 bytes sharded too)."""
     from tests.utils import run_main
 
     code, out, _ = run_main(capsys, ["plan", "-m", "llama-3.1-8b", "--gpu", "rtx-4060-ti-16g", "--no-qlora", "--json"])
@@ -232,5 +233,12 @@ def test_fsdp_plans_one_rank_of_sharded_bf16_weights(capsys):
     assert code == 0 and data["setup"]["quant"] == "none" and data["setup"]["shard_world"] == 2
     assert data["breakdown"]["base_weights"] < 0.65 * whole and any("FSDP2" in r for r in data["reasons"])
     jsonschema.validate(data, SCHEMA)
-    code, _, err = run_main(capsys, ["plan", "-m", "llama-3.1-8b", "--gpu", "rtx-4090", "--fsdp", "2", "--qlora"])
-    assert code == 2 and "NF4 (QLoRA) under FSDP2 is not supported" in err
+    LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=128256).save_pretrained(tmp_path)
+    base = {}
+    for n in (1, 4):
+        code, out, _ = run_main(capsys, ["plan", "-m", str(tmp_path), "--gpu", "rtx-4090", "--fsdp", str(n), "--json"])
+        data = json.loads(out)
+        base[n] = data["breakdown"]["base_weights"]
+        assert code == (0 if n == 4 else 1) and data["setup"]["quant"] == "nf4-dq"
+    assert base[4] < 0.4 * base[1]

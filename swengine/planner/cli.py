@@ -75,11 +75,6 @@ def make_plan(model: str, *, gpu: str | None = None, vram_gib: float | None = No
         raise UserError(f"--alternatives must be >= 0 (got {alternatives})")
     if shard_world < 1:
         raise UserError(f"--fsdp must be >= 1 GPUs (got {shard_world})")
-    if shard_world > 1:  # FSDP2 runs bf16/fp16 bases only (swengine.train.fsdp refuses NF4)
-        if qlora:
-            raise UserError("FSDP2 (--fsdp) shards bf16/fp16 base weights; NF4 (QLoRA) under FSDP2 is not supported "
-                            "yet: drop --qlora, or plan one GPU of a DDP run (no --fsdp)")
-        qlora = False
     if teacher:
         load_model_config(teacher)  # validate early, with the same message
     name, vram, profile = resolve_gpu(gpu, vram_gib)

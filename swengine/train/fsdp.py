@@ -1,7 +1,9 @@
 """FSDP2 (``distributed.strategy=fsdp``): the base model's decoder sharded over the ranks with
 PyTorch's ``fully_shard`` (one unit per decoder layer, the embeddings and final norm with the
 decoder), so each rank holds 1/N of the frozen weights and of the adapter, its gradients and
-optimizer states. The LM head stays whole on every rank (the fused loss reads its weight outside a
+optimizer states. NF4 (QLoRA) bases too: each packed weight becomes a plain uint8 parameter that
+FSDP2 splits and gathers like any other, its bitsandbytes quantisation state (absmax and codes,
+~1/16 of the packed bytes with double quant) kept whole beside it on every rank. The LM head stays whole on every rank (the fused loss reads its weight outside a
 module call; a tied head keeps the embedding whole too).
 
 Checkpoints keep the single-process format: the adapter and the optimizer state are gathered to
@@ -21,9 +23,6 @@ from swengine.errors import UserError
 
 def check_supported(cfg) -> None:
     """What FSDP2 here does not cover is refused with one line."""
-    if cfg.quantization.load_in_4bit:
-        raise UserError("distributed.strategy=fsdp does not take quantization.load_in_4bit (the NF4 base weights are "
-                        "not sharded here); use distributed.strategy=ddp for QLoRA, or a bf16 base with fsdp")
     if cfg.lora.impl != "swkernels":
         raise UserError("distributed.strategy=fsdp needs lora.impl=swkernels (the PEFT path is not sharded)")
 
@@ -38,6 +37,11 @@ def shard_model(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     sharded ones are new Parameter objects: build the optimizer over these)."""
     from torch.distributed.fsdp import fully_shard
 
+    from swkernels.nn.lora import LoRALinear
+
+    for module in model.modules():  # NF4 (QLoRA) bases: shard the packed bytes, keep each state beside them
+        if isinstance(module, LoRALinear):
+            module.detach_nf4_state()
     decoder = _decoder(model)
     layers = getattr(decoder, "layers", None)
     if layers is None:
@@ -54,6 +58,18 @@ def shard_model(model: torch.nn.Module) -> list[torch.nn.Parameter]:
         unit.set_gradient_divide_factor(1.0)  # the losses are already divided by the global token count: sum
         unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def frozen_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of the frozen base this rank holds, bytes of the whole base): what sharding saved."""
+    local = full = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            continue
+        n = p.element_size()
+        local += n * (p.to_local().numel() if is_sharded(p) else p.numel())
+        full += n * p.numel()
+    return local, full
 
 
 def is_sharded(t) -> bool:

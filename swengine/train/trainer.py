@@ -232,6 +232,15 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
         if not ok:
             raise RunStopped(f"rank {self.dist.rank}: rank 0 could not start the run (its error says why)", 2)
 
+    def _shard_summary(self) -> str:
+        """FSDP2: how much of the frozen base one rank holds (e.g. NF4 packed bytes split N ways)."""
+        if not self.sharded:
+            return ""
+        from swengine.train import fsdp
+
+        local, full = fsdp.frozen_bytes(self.model)
+        return f"; base weights per rank {local / 2**20:.1f} of {full / 2**20:.1f} MiB"
+
     @property
     def sharded(self) -> bool:
         """FSDP2: the base model's decoder is sharded over the ranks (:mod:`swengine.train.fsdp`)."""
@@ -454,8 +463,9 @@ class Trainer(PhasesMixin, CheckpointsMixin, BreakerMixin):
                  f"{len(self.data.train)} training rows ({self.data.format}, {100 * padding_ratio(self.data.train):.1f}% "
                  f"padding{lengths}), {self.total_steps} steps on "
                  f"{self.device} in {str(self.dtype).replace('torch.', '')}"
-                 + (f", data parallel over {self.dist.world} ranks (global batch {self.dist.world} × "
-                    f"{self.phase.micro_batch} × {self.phase.grad_accumulation})" if self.dist.active else ""))
+                 + (f", {'FSDP2' if self.sharded else 'data parallel'} over {self.dist.world} ranks (global batch "
+                    f"{self.dist.world} × {self.phase.micro_batch} × {self.phase.grad_accumulation})"
+                    if self.dist.active else "") + self._shard_summary())
         skill_before = self.skill_accuracy() if resume_from is None else None
         first_eval = self.evaluate() if resume_from is None else None
         if first_eval is not None:

@@ -36,6 +36,8 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(in_f, r, bias=False, device=device, dtype=adapter_dtype)
         self.lora_B = nn.Linear(r, out_f, bias=False, device=device, dtype=adapter_dtype)
         self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, lora_alpha, lora_dropout, use_rslora
+        # the base's NF4 quantisation state when its packed bytes are a plain tensor (see detach_nf4_state)
+        self.nf4_quant_state = None
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.reset_lora_parameters()
 
@@ -61,14 +63,22 @@ class LoRALinear(nn.Module):
 
     @property
     def nf4(self) -> bool:
-        return is_nf4(self.base_layer)
+        return self.nf4_quant_state is not None or is_nf4(self.base_layer)
+
+    def detach_nf4_state(self) -> None:
+        """Hold the NF4 base weight as a plain uint8 parameter of its packed bytes, its quantisation
+        state here: a sharding wrapper (FSDP2) can then split and gather the bytes like any tensor."""
+        weight = self.base_layer.weight
+        if self.nf4_quant_state is None and is_nf4(self.base_layer):
+            self.nf4_quant_state = weight.quant_state
+            self.base_layer.weight = nn.Parameter(weight.data, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.lora_dropout if self.training else 0.0
         bias = self.base_layer.bias
         if self.nf4:
             return nf4_lora_linear(x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
-                                   bias, p)
+                                   bias, p, quant_state=self.nf4_quant_state)
         return lora_linear(x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, bias, p)
 
     def base_weight(self) -> torch.Tensor:
@@ -76,7 +86,7 @@ class LoRALinear(nn.Module):
         if self.nf4:
             # our reader, not bitsandbytes' CPU dequantize: in bnb 0.50.2 that one is wrong when
             # in_features % 64 != 0 but is even (blocks straddling rows, e.g. 40×96)
-            return nf4_state(self.base_layer.weight).dequantize()
+            return nf4_state(self.base_layer.weight, self.nf4_quant_state).dequantize()
         return self.base_layer.weight.float()
 
     @torch.no_grad()

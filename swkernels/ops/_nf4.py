@@ -51,9 +51,11 @@ class NF4Weight(NamedTuple):
         return reference.nf4_dequantize(self.packed, self.absmax_fp32(), self.code, self.shape, self.blocksize)
 
 
-def nf4_state(weight) -> NF4Weight:
-    """The :class:`NF4Weight` of a quantised bitsandbytes ``Params4bit`` (``Linear4bit.weight``)."""
-    qs = getattr(weight, "quant_state", None)
+def nf4_state(weight, quant_state=None) -> NF4Weight:
+    """The :class:`NF4Weight` of a quantised bitsandbytes ``Params4bit`` (``Linear4bit.weight``), or
+    of its packed bytes held apart from their ``quant_state`` (e.g. a packed weight that FSDP2
+    gathered into a plain tensor: the quantisation state is passed beside it)."""
+    qs = quant_state if quant_state is not None else getattr(weight, "quant_state", None)
     if qs is None:
         raise ValueError("nf4_lora_linear: the weight has no quant_state; pass a bitsandbytes Params4bit "
                          "(Linear4bit.weight) that has been quantised")

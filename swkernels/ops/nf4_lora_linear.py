@@ -108,11 +108,12 @@ nf4_lora_linear_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def nf4_lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                    bias: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, dropout_p: float = 0.0, quant_state=None) -> torch.Tensor:
     """QLoRA linear: like :func:`swkernels.lora_linear` with ``weight`` a quantised bitsandbytes
     NF4 ``Params4bit`` (``Linear4bit.weight``; blocksize 64 by default, with or without double
-    quant). The compute dtype is x's (or autocast's); fp16/bf16 run the fused kernels."""
-    w = nf4_state(weight)
+    quant). The compute dtype is x's (or autocast's); fp16/bf16 run the fused kernels.
+    ``quant_state``: the weight's bitsandbytes QuantState when ``weight`` is its packed bytes alone."""
+    w = nf4_state(weight, quant_state)
     out_features, in_features = w.shape
     check_lora_args(x, out_features, in_features, lora_a, lora_b, bias, scaling, dropout_p)
     dtype = compute_dtype(x)
@@ -124,7 +125,8 @@ def nf4_lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor, lora_b: torch
         # T4-class GPUs, or fp32 compute: bitsandbytes' dequantise + cuBLAS, as QLoRA does
         import bitsandbytes.functional as bnbf
 
-        dense = bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+        qs = quant_state if quant_state is not None else weight.quant_state
+        dense = bnbf.dequantize_4bit(weight.data, qs).to(dtype)
         y = cublas_lora_linear(x2, dense, lora_a, lora_b, scaling, bias_c, dropout_p)
     else:
         seed = new_seed(dropout_p)
