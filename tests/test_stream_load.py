@@ -24,6 +24,7 @@ from swengine.model.quant import quantize_nf4_  # noqa: E402
 from swengine.model.stream_load import StreamUnsupported, shard_files, stream_load_nf4  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+GiB = 2**30
 MiB = 2**20
 
 
@@ -208,7 +209,9 @@ def _check_bound(path: Path, label: str) -> dict:
     largest shard (memory-mapped while it is read) + what the loaded model itself occupies (on the
     CPU device the NF4 model lives in host RAM; on a GPU it would not) + 3 × the largest tensor
     (in flight: its bf16 copy and bitsandbytes' fp32 working copy while quantising on the CPU) +
-    16 MiB (code pages first touched by the load, ~10 MiB measured, and allocator slack). What the
+    16 MiB (code pages first touched by the load, ~10 MiB measured) + 10% of the checkpoint
+    (allocator slack, which grows with what was allocated: 0.45B measured 563-589 MiB against 568 MiB
+    without it). Far inside the issue's bound (largest shard + 1 GiB). What the
     load needs beyond the model it returns (all a GPU load needs from the host) stays well below
     the bf16 model, which the non-streaming path holds whole."""
     largest, total, tensor = _sizes(path)
@@ -217,7 +220,8 @@ def _check_bound(path: Path, label: str) -> dict:
     print(f"{label} stream: peak rise {rise / MiB:.1f} MiB (resident model {resident / MiB:.1f} MiB), largest "
           f"shard {largest / MiB:.1f} MiB, bf16 checkpoint {total / MiB:.1f} MiB, {m['seconds']:.2f} s")
     assert resident < 0.5 * total  # NF4 linears + bf16 embeddings/head/norms (+ code pages)
-    assert rise <= largest + resident + 3 * tensor + 16 * MiB
+    assert rise <= largest + resident + 3 * tensor + 16 * MiB + total // 10
+    assert rise - resident <= largest + GiB  # the issue's bound for the host (the model lives on the GPU there)
     assert rise - resident < 0.5 * total
     return m
 
