@@ -20,7 +20,7 @@ from swengine.data.cache import Tokenised, tokenised
 from swengine.data.formats import with_chat_template
 from swengine.data.mix import interleave
 from swengine.data.rows import LazyRows, best_fit_plan, greedy_plan, single_plan
-from swengine.data.sources import SourceSpec, open_source
+from swengine.data.sources import SourceSpec, open_source, training_specs
 from swengine.errors import UserError
 
 
@@ -161,10 +161,7 @@ def prepare(cfg: DataConfig, tokenizer, train_path: str, eval_path: str, seed: i
         if bad:
             raise UserError(f"data.mix[{bad[0]}] needs a path and a weight > 0, e.g. "
                             "data.mix='[{\"path\": \"a.jsonl\", \"weight\": 0.7}, {\"path\": \"b.jsonl\", \"weight\": 0.3}]'")
-        specs = [SourceSpec(m.path, m.format, m.text_field, m.subset, m.split) for m in cfg.mix]
-    else:
-        specs = [SourceSpec(train_path, cfg.format, cfg.text_field, cfg.subset, cfg.split)]
-    parts = [load(s) for s in specs]
+    parts = [load(s) for s in training_specs(cfg, train_path)]
     splits = [_split(t, cfg, seed + k, bool(eval_path)) for k, t in enumerate(parts)]
     train = [_fit(t, tr, cfg, "training") for t, (tr, _) in zip(parts, splits, strict=True)]
     empty = [p for p in train if not len(p.idx)]  # with data.mix: every source must give some

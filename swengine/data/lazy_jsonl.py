@@ -130,12 +130,13 @@ class Concat:
         return k, i - int(self.bounds[k])
 
     def slice(self, start: int, end: int) -> list[dict]:
+        from swengine.data.sources import row_slice  # (sources imports this module when reading)
+
         out, end = [], min(end, len(self))
         while start < end:
             k, local = self._locate(start)
             take = min(end - start, len(self.parts[k]) - local)
-            part = self.parts[k]
-            out += part.slice(local, local + take) if hasattr(part, "slice") else part[local:local + take]
+            out += row_slice(self.parts[k], local, local + take)
             start += take
         return out
 

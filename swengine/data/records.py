@@ -73,13 +73,23 @@ def read_records_located(path: str) -> tuple[list[dict], list[str]]:
     return rows, where
 
 
-def _read_directory(p: Path, path: str) -> tuple[list[dict], list[str]]:
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES
-                   and not any(part.startswith(".") for part in f.relative_to(p).parts))
+def data_files(p: Path) -> list[Path]:
+    """A directory's data files: recursively, sorted by path, hidden files and folders skipped."""
+    return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES
+                  and not any(part.startswith(".") for part in f.relative_to(p).parts))
+
+
+def directory_files(p: Path, path: str) -> list[Path]:
+    """:func:`data_files` of a data directory, or one line saying it has none."""
+    files = data_files(p)
     if not files:
         raise UserError(f"dataset directory {path} has no {'/'.join(SUFFIXES)} files")
+    return files
+
+
+def _read_directory(p: Path, path: str) -> tuple[list[dict], list[str]]:
     rows, where = [], []
-    for f in files:
+    for f in directory_files(p, path):
         r, w = read_records_located(str(f))
         rows += r
         where += w

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from swengine.data.records import SUFFIXES, read_records_located
+from swengine.data.records import SUFFIXES, data_files, directory_files, read_records_located
 from swengine.errors import UserError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -76,10 +76,7 @@ def _read_local(p: Path, path: str):
             records = JsonlRecords(path)
             return records, records.where
         return read_records_located(path)
-    files = _data_files(p)
-    if not files:
-        raise UserError(f"dataset directory {path} has no {'/'.join(SUFFIXES)} files")
-    parts = [_read_local(f, str(f)) for f in files]
+    parts = [_read_local(f, str(f)) for f in directory_files(p, path)]
     concat = Concat([r for r, _ in parts], [w for _, w in parts])
     return concat, concat.where
 
@@ -98,11 +95,6 @@ def _hash_file(h, f: Path) -> None:
             h.update(fh.read())
 
 
-def _data_files(p: Path) -> list[Path]:
-    return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES
-                  and not any(part.startswith(".") for part in f.relative_to(p).parts))
-
-
 def _is_saved(p: Path) -> bool:
     return (p / "dataset_dict.json").is_file() or ((p / "state.json").is_file() and (p / "dataset_info.json").is_file())
 
@@ -114,7 +106,7 @@ def _is_hub_layout(p: Path) -> bool:
     if card.is_file() and "configs:" in card.read_text(encoding="utf-8", errors="replace"):
         return True
     data = p / "data"
-    return data.is_dir() and any(SPLIT_FILE.match(f.name) for f in _data_files(data))
+    return data.is_dir() and any(SPLIT_FILE.match(f.name) for f in data_files(data))
 
 
 def open_source(spec: SourceSpec) -> Source:
@@ -126,7 +118,7 @@ def open_source(spec: SourceSpec) -> Source:
         return _datasets_source(spec, "hub")
     if p.is_file() or p.is_dir():
         h = hashlib.blake2b(digest_size=16)
-        for f in ([p] if p.is_file() else _data_files(p)):
+        for f in ([p] if p.is_file() else data_files(p)):
             _hash_file(h, f)
         return Source(spec, "directory" if p.is_dir() else "file", spec.path, h.hexdigest())
     if HUB_ID.match(spec.path) and not spec.path.startswith((".", "~")) and p.suffix.lower() not in SUFFIXES:
@@ -172,6 +164,13 @@ def _datasets_source(spec: SourceSpec, kind: str) -> Source:
         raise UserError(f"{name} holds no records")
     fingerprint = hashlib.blake2b(f"{kind}\0{name}\0{ds._fingerprint}".encode(), digest_size=16).hexdigest()
     return Source(spec, kind, name, fingerprint, ds, RowNames(name, len(ds)))
+
+
+def training_specs(cfg, train_path: str) -> list[SourceSpec]:
+    """The training sources of a ``DataConfig``: data.mix's items, or data.train (``train_path``)."""
+    if cfg.mix:
+        return [SourceSpec(m.path, m.format, m.text_field, m.subset, m.split) for m in cfg.mix]
+    return [SourceSpec(train_path, cfg.format, cfg.text_field, cfg.subset, cfg.split)]
 
 
 def row_slice(records, start: int, end: int) -> list[dict]:

@@ -74,12 +74,11 @@ def data_digest(data_cfg, data_path: str) -> str:
     (the one the tokenised cache is keyed by) and its settings and weight."""
     if not data_cfg.mix and Path(data_path).is_file():
         return file_sha256(data_path)
-    from swengine.data.sources import SourceSpec, open_source
+    from swengine.data.sources import open_source, training_specs
 
-    items = [(SourceSpec(m.path, m.format, m.text_field, m.subset, m.split), m.weight) for m in data_cfg.mix] or [
-        (SourceSpec(data_path, data_cfg.format, data_cfg.text_field, data_cfg.subset, data_cfg.split), 1.0)]
+    weights = [m.weight for m in data_cfg.mix] or [1.0]
     h = hashlib.sha256()
-    for spec, weight in items:
+    for spec, weight in zip(training_specs(data_cfg, data_path), weights, strict=True):
         h.update(f"{open_source(spec).fingerprint}|{spec}|{weight}\n".encode())
     return h.hexdigest()
 

@@ -106,8 +106,8 @@ def plan(config: PretrainedConfig, model_name: str, *, gpu: str, vram_bytes: int
         raise UserError(f"effective batch must be >= 1 (got {effective_batch})")
     if prefer not in PREFERENCES:
         raise UserError(f"--prefer must be one of: {', '.join(PREFERENCES)} (got {prefer!r})")
-    speed = speed or generic(None, (base or Setup(seq_len=seq_len)).lora_impl)
     base = (base or Setup(seq_len=seq_len)).with_(seq_len=seq_len)
+    speed = speed or generic(None, base.lora_impl)
     budget = int(vram_bytes * SAFETY_MARGIN)
     fitting: list[_Scored] = []
     smallest: Estimate | None = None
@@ -166,11 +166,6 @@ def _best(pool: list[_Scored], prefer: str, rank: int | None) -> _Scored:
 
 def _kind(s: Setup) -> tuple:
     return s.quant != "none", s.checkpointing, s.optimizer
-
-
-def _describe(s: Setup) -> str:
-    return (f"{'bf16' if s.quant == 'none' else s.quant}, micro-batch {s.micro_batch}, "
-            f"checkpointing {'on' if s.checkpointing else 'off'}, {s.optimizer}, rank {s.lora_rank}")
 
 
 def _alternatives(fitting: list[_Scored], chosen: _Scored, prefer: str, rank: int | None, speed: SpeedModel,

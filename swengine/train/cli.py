@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import typer
@@ -38,11 +37,12 @@ def _plan(cfg: TrainConfig, gpu: str | None, seq_len: int, rank: int | None = No
           prefer: str = "speed"):
     from swengine.model import load as model_load
     from swengine.planner.cli import make_plan
+    from swengine.train import distributed
 
     d = cfg.distill  # an online teacher shares the card: the plan includes it
     # a per-GPU plan: under N ranks each plans 1/N of the global batch, so the accumulation it picks
     # keeps micro × accumulation × N at (or just above) micro_batch_size × grad_accumulation
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = distributed.world_size()
     batch = math.ceil(cfg.schedule.micro_batch_size * cfg.schedule.grad_accumulation / world)
     return make_plan(model_load.model_path(cfg.model.path), gpu=gpu, seq_len=seq_len, batch=batch, rank=rank,
                      qlora=True if cfg.quantization.load_in_4bit else None, lora_impl=cfg.lora.impl,
@@ -57,6 +57,15 @@ PLANNED = {"lora.rank": "LoRA rank", "lora.alpha": "LoRA rank", "schedule.micro_
            "schedule.grad_accumulation": "micro-batch", "checkpointing.gradient_checkpointing": "checkpointing",
            "optim.name": "optimizer", "quantization.load_in_4bit": "base weights",
            "quantization.double_quant": "base weights"}
+
+
+def _planned_values(result) -> dict:
+    """The config keys a plan sets, and their values."""
+    s = result.setup
+    return {"lora.rank": s.lora_rank, "lora.alpha": float(2 * s.lora_rank),
+            "schedule.micro_batch_size": s.micro_batch, "schedule.grad_accumulation": result.grad_accumulation,
+            "checkpointing.gradient_checkpointing": s.checkpointing, "optim.name": s.optimizer,
+            "quantization.load_in_4bit": s.quant != "none", "quantization.double_quant": s.quant == "nf4-dq"}
 
 
 def _pinned(cfg: TrainConfig, explicit: set[str] | frozenset) -> dict:
@@ -81,7 +90,7 @@ def apply_plan(cfg: TrainConfig, gpu: str | None, explicit: set[str] | frozenset
     kept setup that cannot fit is an error naming the closest one that does. The plan and the
     table of what --auto changed go to stderr, so ``--auto --dry-run`` prints pure YAML on stdout."""
     from swengine.planner.report import render
-    from swengine.planner.search import GiB
+    from swengine.planner.search import SAFETY_MARGIN, GiB
 
     rank = cfg.lora.rank if "lora.rank" in explicit else None
     fixed = _pinned(cfg, explicit)
@@ -89,31 +98,26 @@ def apply_plan(cfg: TrainConfig, gpu: str | None, explicit: set[str] | frozenset
     if not result.fits and fixed:
         free = _plan(cfg, gpu, cfg.data.max_seq_len, rank)  # the closest: the rest free, the rank kept
         if free.fits:
-            s = free.setup
+            closest = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                               for k, v in _planned_values(free).items()
+                               if k not in ("lora.alpha", "quantization.double_quant"))
             raise UserError(f"--auto: the setup you set ({', '.join(f'{k}={v}' for k, v in fixed.items())}) needs at "
                             f"least {result.estimate.total_vram / GiB:.2f} GiB, more than the usable "
-                            f"{free.vram_bytes * 0.95 / GiB:.2f} GiB on {free.gpu}; the closest setup that fits: "
-                            f"lora.rank={s.lora_rank} schedule.micro_batch_size={s.micro_batch} "
-                            f"schedule.grad_accumulation={free.grad_accumulation} "
-                            f"checkpointing.gradient_checkpointing={str(s.checkpointing).lower()} "
-                            f"quantization.load_in_4bit={str(s.quant != 'none').lower()} optim.name={s.optimizer}")
+                            f"{free.vram_bytes * SAFETY_MARGIN / GiB:.2f} GiB on {free.gpu}; the closest setup that fits: "
+                            f"{closest}")
     notice(render(result))
     if not result.fits:
         raise UserError(f"the planner finds no setup that fits: {result.reasons[0]}")
-    s = result.setup
-    choices = {"lora.rank": s.lora_rank, "lora.alpha": float(2 * s.lora_rank),
-               "schedule.micro_batch_size": s.micro_batch, "schedule.grad_accumulation": result.grad_accumulation,
-               "checkpointing.gradient_checkpointing": s.checkpointing, "optim.name": s.optimizer,
-               "quantization.load_in_4bit": s.quant != "none", "quantization.double_quant": s.quant == "nf4-dq"}
+    no_nf4 = result.setup.quant == "none"
     changed, kept = [], []
-    for key, value in choices.items():
+    for key, value in _planned_values(result).items():
         section, name = key.split(".")
         before = getattr(getattr(cfg, section), name)
         if key in explicit:
             kept.append(f"{key}={before}")
         elif before != value:
             setattr(getattr(cfg, section), name, value)
-            if key == "quantization.double_quant" and s.quant == "none":
+            if key == "quantization.double_quant" and no_nf4:
                 continue  # no NF4: double quant means nothing, not worth a line
             why = next((r for r in result.reasons if PLANNED[key].lower() in r.lower()
                         or (key == "optim.name" and "adamw" in r.lower())), "")

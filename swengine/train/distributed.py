@@ -27,9 +27,14 @@ class PeerLost(RuntimeError):
     """Another rank died or stopped answering: this rank cannot go on."""
 
 
+def world_size() -> int:
+    """The number of ranks torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched() -> bool:
     """Whether this process was started by torchrun for a group of more than one rank."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return world_size() > 1
 
 
 def is_main_process() -> bool:
